@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment (.venv) and the system tools it uses.
+# Sourced by scripts/test.sh and scripts/demo.sh; safe to run again (a stamp skips the pip work
+# when nothing changed).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+# Installed before the package so that pip never resolves the unpinned `torch` requirement to the
+# multi-GB CUDA build on a CPU machine. Override on a GPU machine, e.g. SSAMBA_TORCH="torch==2.13.0+cu128".
+TORCH_SPEC="${SSAMBA_TORCH:-torch==2.13.0}"
+
+# espeak-ng renders the speech of the offline demo corpus (ssamba data synth).
+if ! command -v espeak-ng >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing espeak-ng (apt-get)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+    else
+        echo "[setup] warning: espeak-ng is missing; the demo corpus needs it: sudo apt-get install -y espeak-ng" >&2
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+STAMP="$VENV/.ssamba-setup"
+WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) $TORCH_SPEC"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
+    echo "[setup] installing $TORCH_SPEC and ssamba[dev,plot] into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev,plot]"
+    echo "$WANT" > "$STAMP"
+fi
