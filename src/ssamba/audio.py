@@ -49,14 +49,17 @@ def load_audio(
             declared = f.frames
             file_rate = f.samplerate
             data = f.read(dtype="float32", always_2d=True)  # (time, channels)
+            # libsndfile shortens a WAV/AIFF whose data chunk runs past the end of the file without an
+            # error; its header log then reads "data : 16000 (should be 7978)".
+            header_log = soundfile.info(str(path), verbose=True).extra_info
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{path}: unreadable audio ({e})") from e
+        raise AudioError(f"{path}: unreadable or corrupt audio ({e})") from e
     if declared == 0 or data.shape[0] == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
-    # libsndfile trusts the header's frame count; a file cut short delivers fewer samples than declared.
-    # (Compressed formats whose length is only an estimate report declared < 0 or a huge value.)
-    if 0 < declared < 2**62 and data.shape[0] < declared:
-        raise AudioError(f"{path}: truncated audio ({data.shape[0]} of {declared} declared samples readable)")
+    shortened = [ln.strip() for ln in header_log.splitlines() if ln.startswith(("data", "SSND")) and "should be" in ln]
+    if shortened or 0 < declared < 2**62 and data.shape[0] < declared:
+        detail = shortened[0] if shortened else f"{data.shape[0]} of {declared} declared samples readable"
+        raise AudioError(f"{path}: truncated audio ({detail})")
     if not np.isfinite(data).all():
         raise AudioError(f"{path}: contains NaN or infinite samples")
     wave = data.mean(axis=1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
