@@ -1,0 +1,7 @@
+"""Manifests, datasets and the offline demo corpus."""
+
+from ssamba.data.datasets import AudioDataset, dataset_stats, pad_collate
+from ssamba.data.manifest import Example, LabelSet, ManifestError, read_manifest, write_manifest
+
+__all__ = ["AudioDataset", "Example", "LabelSet", "ManifestError", "dataset_stats", "pad_collate",
+           "read_manifest", "write_manifest"]
