@@ -7,8 +7,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PYTHON="${PYTHON:-python3}"
 # Installed before the package so that pip never resolves the unpinned `torch` requirement to the
-# multi-GB CUDA build on a CPU machine. Override on a GPU machine, e.g. SSAMBA_TORCH="torch==2.13.0+cu128".
+# multi-GB CUDA build on a CPU machine. On this project's machines `torch==2.13.0` resolves to a local CPU
+# wheel; elsewhere point pip at PyTorch's CPU-only wheel index with SSAMBA_TORCH_INDEX=<index url>,
+# or choose another build with SSAMBA_TORCH (e.g. a CUDA one on a GPU machine).
 TORCH_SPEC="${SSAMBA_TORCH:-torch==2.13.0}"
+TORCH_INDEX=()
+if [ -n "${SSAMBA_TORCH_INDEX:-}" ]; then TORCH_INDEX=(--index-url "$SSAMBA_TORCH_INDEX"); fi
 
 # espeak-ng renders the speech of the offline demo corpus (ssamba data synth).
 if ! command -v espeak-ng >/dev/null 2>&1; then
@@ -27,11 +31,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 STAMP="$VENV/.ssamba-setup"
-WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) $TORCH_SPEC"
+WANT="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16) $TORCH_SPEC"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     echo "[setup] installing $TORCH_SPEC and ssamba[dev,plot] into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${TORCH_INDEX[@]}" "$TORCH_SPEC"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev,plot]"
     echo "$WANT" > "$STAMP"
 fi

@@ -1,0 +1,101 @@
+"""The `ssamba` command line: a thin layer over the library (each command calls one library function)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import ssamba
+
+
+def _data_synth(args) -> int:
+    from ssamba.data.synth import synthesize
+
+    summary = synthesize(args.out, seed=args.seed, scale=args.scale, jobs=args.jobs, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"demo corpus written to {args.out} in {summary['seconds']:.1f} s; manifests in "
+              f"{Path(args.out) / 'manifests'}")
+        for task, splits in summary["counts"].items():
+            print(f"  {task:10s} " + "  ".join(f"{split} {n}" for split, n in splits.items()))
+    return 0
+
+
+def _data_stats(args) -> int:
+    from ssamba.data import dataset_stats, read_manifest
+
+    stats = dataset_stats(read_manifest(args.manifest), target_length=args.target_length,
+                          skip_bad=args.skip_bad, progress=not args.json)
+    if args.json:
+        print(json.dumps(stats, indent=1))
+    else:
+        print(f"mean {stats['mean']:.7f}  std {stats['std']:.7f}  ({stats['files']} files, {stats['frames']} frames"
+              + (f", {len(stats['skipped'])} bad files skipped" if stats["skipped"] else "") + ")")
+        print(f"use: --set data.mean={stats['mean']:.7f} --set data.std={stats['std']:.7f}")
+    return 0
+
+
+def _demo(args) -> int:
+    from ssamba.demo import run_demo
+
+    report = run_demo(args.out, seed=args.seed, scale=args.scale, conformance=args.conformance)
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssamba", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ssamba {ssamba.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="build the offline demo corpus and run every available stage; "
+                                            "writes report.md")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (reused when rerun)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--scale", default="small", choices=["small", "medium"])
+    demo.add_argument("--conformance", type=Path, default=None,
+                      help="official-code fixture folder (default: shared/conformance beside the checkout)")
+    demo.set_defaults(func=_demo)
+
+    data = commands.add_parser("data", help="datasets: the demo corpus, normalisation statistics")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    synth = data_commands.add_parser("synth", help="generate the offline demo corpus with manifests")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--scale", default="small", choices=["small", "medium"])
+    synth.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.add_argument("--json", action="store_true", help="print the summary as JSON")
+    synth.set_defaults(func=_data_synth)
+    stats = data_commands.add_parser("stats", help="fbank mean/std of a dataset, for normalisation")
+    stats.add_argument("manifest", type=Path, help="SSAST .json, .jsonl or a folder per class")
+    stats.add_argument("--target-length", type=int, default=None,
+                       help="pad/cut each clip to this many frames first, as the official loader does")
+    stats.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable files")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=_data_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ssamba.audio import AudioError
+    from ssamba.data.manifest import ManifestError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (AudioError, ManifestError, FileNotFoundError) as e:
+        print(f"ssamba: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # e.g. SynthError: a missing system tool, said in so many words
+        if type(e).__name__ == "SynthError":
+            print(f"ssamba: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
