@@ -83,19 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ssamba.audio import AudioError
     from ssamba.data.manifest import ManifestError
+    from ssamba.data.synth import SynthError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (AudioError, ManifestError, FileNotFoundError) as e:
+    except (AudioError, ManifestError, SynthError, FileNotFoundError) as e:
+        # Bad input or a missing system tool: one clear line naming the culprit, no traceback.
         print(f"ssamba: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # e.g. SynthError: a missing system tool, said in so many words
-        if type(e).__name__ == "SynthError":
-            print(f"ssamba: error: {e}", file=sys.stderr)
-            return 2
-        raise
-
 
 if __name__ == "__main__":
     sys.exit(main())

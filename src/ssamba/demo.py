@@ -50,6 +50,7 @@ class Stage:
     name: str
     title: str
     run: Callable[[Context], str]  # returns the report section (markdown)
+    products: tuple[str, ...] = ()  # files (relative to --out) a reused result depends on
 
 
 def _corpus_stage(ctx: Context) -> str:
@@ -126,7 +127,9 @@ def _parity_stage(ctx: Context) -> str:
 
 
 STAGES = [
-    Stage("corpus", "Offline demo corpus", _corpus_stage),
+    Stage("corpus", "Offline demo corpus", _corpus_stage,
+          products=tuple(f"corpus/manifests/{task}_{split}.json" for task in ("kws", "speaker", "sounds")
+                         for split in ("train", "valid", "test"))),
     Stage("features", "Features", _features_stage),
     Stage("parity", "Feature parity with the official code", _parity_stage),
 ]
@@ -156,7 +159,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, seed: int = 0, scale: str =
     settings = {"seed": seed, "scale": scale}
     for stage in STAGES:
         previous = record.get(stage.name)
-        if previous and previous["status"] == "done" and previous["settings"] == settings:
+        if (previous and previous["status"] == "done" and previous["settings"] == settings
+                and all((out / p).exists() for p in stage.products)):
             print(f"[demo] {stage.title}: reused from {record_path}")
             continue
         print(f"[demo] {stage.title} ...")
