@@ -50,3 +50,33 @@ def test_data_stats_bad_audio_exits_2_or_is_skipped(manifest, tmp_path, capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "ssamba.cli", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("ssamba ")
+
+
+@pytest.mark.parametrize("fixture", ["ssamba_a", "ssast_a"])
+def test_conformance_command_passes_on_official_fixtures(fixture, capsys):
+    from tests.conftest import conformance_dir
+
+    assert main(["conformance", str(conformance_dir(fixture))]) == 0
+    assert "outputs within tolerance" in capsys.readouterr().out
+
+
+def test_conformance_command_fails_on_a_folder_that_is_not_a_fixture(tmp_path):
+    assert main(["conformance", str(tmp_path)]) != 0
+
+
+def test_convert_command_imports_official_weights(tmp_path):
+    import torch
+
+    from ssamba.models import load_pretrained
+    from tests.conftest import conformance_dir
+
+    folder = conformance_dir("ssamba_a")
+    config = json.loads((folder / "config.json").read_text())
+    kwargs = {**config["pretrain_constructor_kwargs"], "pretrain_stage": False, "label_dim": 5}
+    (tmp_path / "kwargs.json").write_text(json.dumps(kwargs))
+    assert main(["convert", str(folder / "pretrain_state_dict.pt"), "--family", "ssamba",
+                 "--config", str(tmp_path / "kwargs.json"), "--out", str(tmp_path / "model")]) == 0
+    model = load_pretrained(tmp_path / "model")
+    state = torch.load(folder / "pretrain_state_dict.pt", weights_only=True)
+    assert torch.equal(model.state_dict()["cls_token"], state["module.v.cls_token"])
+    assert not any(p.suffix in (".pt", ".pth", ".bin") for p in (tmp_path / "model").iterdir())

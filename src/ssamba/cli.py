@@ -38,6 +38,20 @@ def _data_stats(args) -> int:
     return 0
 
 
+def _conformance(args) -> int:
+    from ssamba.convert import conformance_cli
+
+    return conformance_cli(args.folder)
+
+
+def _convert(args) -> int:
+    from ssamba.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.checkpoint, args.family, args.config, args.out)
+    print(f"converted {args.checkpoint} -> {out} (safetensors + config.json)")
+    return 0
+
+
 def _demo(args) -> int:
     from ssamba.demo import run_demo
 
@@ -59,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--conformance", type=Path, default=None,
                       help="official-code fixture folder (default: shared/conformance beside the checkout)")
     demo.set_defaults(func=_demo)
+
+    conformance = commands.add_parser(
+        "conformance", help="replay an official-code fixture folder; exit 0 only when every output is in tolerance")
+    conformance.add_argument("folder", type=Path, help="fixture folder (config.json, inputs.pt, outputs.pt, ...)")
+    conformance.set_defaults(func=_conformance)
+
+    convert = commands.add_parser("convert", help="import an official SSAMBA/SSAST .pth checkpoint")
+    convert.add_argument("checkpoint", type=Path, help="official state dict (.pth; loaded with weights_only=True)")
+    convert.add_argument("--family", required=True, choices=["ssamba", "ssast"])
+    convert.add_argument("--config", type=Path, required=True,
+                         help="JSON file with the official constructor arguments (label_dim, fshape, ...)")
+    convert.add_argument("--out", type=Path, required=True, help="output folder (safetensors + config.json)")
+    convert.set_defaults(func=_convert)
 
     data = commands.add_parser("data", help="datasets: the demo corpus, normalisation statistics")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")

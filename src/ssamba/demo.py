@@ -126,12 +126,31 @@ def _parity_stage(ctx: Context) -> str:
             f"{'yes' if identical else 'no'} |\n\nReproduce: `./scripts/test.sh tests/test_features.py`\n")
 
 
+def _model_parity_stage(ctx: Context) -> str:
+    from ssamba.convert import replay
+
+    folders = [ctx.conformance / name for name in ("ssamba_a", "ssast_a")] if ctx.conformance else []
+    folders = [f for f in folders if (f / "config.json").exists()]
+    if not folders:
+        return "Skipped: no official model fixtures found (pass `--conformance DIR`).\n"
+    rows = ["| fixture | outputs replayed | within 1e-5 | largest max abs error |", "|---|---|---|---|"]
+    for folder in folders:
+        results = replay(folder)
+        worst = max(r.max_abs_err for r in results)
+        rows.append(f"| `{folder.name}` | {len(results)} | {sum(r.ok for r in results)} | {worst:.3g} |")
+    return ("Official SSAMBA/SSAST weights imported through `ssamba convert`'s importer and replayed against the "
+            "official code's outputs (pretraining losses with the recorded masks, fine-tuning logits, converted "
+            "position embeddings, per-layer traces):\n\n" + "\n".join(rows)
+            + f"\n\nReproduce: `ssamba conformance {folders[0]}`\n")
+
+
 STAGES = [
     Stage("corpus", "Offline demo corpus", _corpus_stage,
           products=tuple(f"corpus/manifests/{task}_{split}.json" for task in ("kws", "speaker", "sounds")
                          for split in ("train", "valid", "test"))),
     Stage("features", "Features", _features_stage),
     Stage("parity", "Feature parity with the official code", _parity_stage),
+    Stage("model_parity", "Model parity with the official code", _model_parity_stage),
 ]
 
 

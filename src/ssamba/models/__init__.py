@@ -1,0 +1,29 @@
+"""Model families and the model registry (``create_model`` / ``list_models``)."""
+
+from ssamba.models.spectrogram import (
+    ClassifierHead,
+    SpectrogramEncoder,
+    SSAMBAConfig,
+    SSAMBAModel,
+    SSASTConfig,
+    SSASTModel,
+    create_model,
+    list_models,
+    load_pretrained,
+    pool_tokens,
+    register_model,
+)
+
+__all__ = [
+    "ClassifierHead",
+    "SSAMBAConfig",
+    "SSAMBAModel",
+    "SSASTConfig",
+    "SSASTModel",
+    "SpectrogramEncoder",
+    "create_model",
+    "list_models",
+    "load_pretrained",
+    "pool_tokens",
+    "register_model",
+]

@@ -1,0 +1,19 @@
+"""Numerical kernels with pure-PyTorch references (selective scan, causal depthwise conv1d)."""
+
+from ssamba.ops.selective_scan import (
+    available_backends,
+    causal_conv1d_reference,
+    register_backend,
+    resolve_backend,
+    selective_scan,
+    selective_scan_reference,
+)
+
+__all__ = [
+    "available_backends",
+    "causal_conv1d_reference",
+    "register_backend",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_reference",
+]

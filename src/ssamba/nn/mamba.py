@@ -1,0 +1,186 @@
+"""Mamba-1 mixer and its two bidirectional forms.
+
+* :class:`Mamba` - the selective-SSM mixer of ``mamba_ssm.modules.mamba_simple.Mamba`` (Gu & Dao 2023).
+* :class:`InnerBiMamba` - Vim's ``bimamba_type="v2"`` mixer (hustvl/Vim ``mamba-1p1p1/.../mamba_simple.py``),
+  used by every SSAMBA layer: one shared ``in_proj``/``out_proj``, and a second conv1d / x_proj /
+  dt_proj / A / D set that scans the reversed sequence.
+* :class:`ExtBiMamba` - two independent mixers, the second one run on the reversed sequence, combined by
+  addition or by concatenation + Linear (the "external" bidirectional Mamba of Mamba-HuBERT).
+
+Parameter names equal the official ones (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``,
+``D``, ``out_proj`` and ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_b_log``, ``D_b``), so official
+state dicts load without renaming.
+
+Shape glossary
+    B  batch           L  sequence length            M  d_model
+    E  d_inner = expand * d_model                    N  d_state
+    R  dt_rank         W  d_conv (conv kernel width)
+
+Padding: ``lengths`` (B,) gives each item's valid prefix. The forward direction is causal, so right
+padding cannot reach valid positions; the backward direction reverses only the valid part of each item
+(:func:`reverse_padded`), so it too sees the valid elements first and the padding last.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssamba.nn.layers import reverse_padded
+from ssamba.ops.selective_scan import causal_conv1d_reference, selective_scan
+
+__all__ = ["ExtBiMamba", "InnerBiMamba", "Mamba"]
+
+
+def _at_least_f32(t: Tensor) -> Tensor:
+    # mamba_simple keeps A and D in float32 (``self.A_log.float()``) even for half-precision models;
+    # float64 stays float64 so that gradient checks run in double precision.
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class Mamba(nn.Module):
+    """Mamba-1 selective-SSM mixer: (B, L, M) -> (B, L, M).
+
+    in_proj -> [x | z]; x -> causal depthwise conv1d + SiLU -> x_proj -> (dt, B, C);
+    delta = softplus(dt_proj(dt)); selective scan with D skip; gate by SiLU(z); out_proj.
+    Initialisation as ``mamba_simple.Mamba``: S4D-real ``A = -[1..N]`` per channel (stored as A_log),
+    ``D = 1``, dt_proj weight ~ U(+-dt_rank^-0.5 * dt_scale), dt_proj bias = softplus^-1(dt) with dt
+    log-uniform in [dt_min, dt_max] (floored at dt_init_floor).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        conv_bias: bool = True,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
+        self._dt_init = (dt_min, dt_max, dt_init_floor, dt_scale)
+        self._conv_bias = conv_bias
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self._add_ssm_params("")
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def _add_ssm_params(self, suffix: str) -> None:
+        """Create one direction's conv1d / x_proj / dt_proj / A_log / D, named with ``suffix``."""
+        e, n, r = self.d_inner, self.d_state, self.dt_rank
+        dt_min, dt_max, dt_floor, dt_scale = self._dt_init
+        conv = nn.Conv1d(e, e, kernel_size=self.d_conv, groups=e, padding=self.d_conv - 1, bias=self._conv_bias)
+        x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        dt_proj = nn.Linear(r, e, bias=True)
+        # Keep the variance of delta's pre-activation independent of dt_rank.
+        std = r**-0.5 * dt_scale
+        nn.init.uniform_(dt_proj.weight, -std, std)
+        # dt bias such that softplus(bias) is log-uniform in [dt_min, dt_max]: softplus^-1(y) = y + log(-expm1(-y)).
+        dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+        with torch.no_grad():
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real: A[d, k] = -(k + 1); stored as log(-A) so that A stays negative while training.
+        a_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1))  # (E, N)
+        d_skip = nn.Parameter(torch.ones(e))  # (E,)
+        a_log._no_weight_decay = True
+        d_skip._no_weight_decay = True
+        setattr(self, "conv1d" + suffix, conv)
+        setattr(self, "x_proj" + suffix, x_proj)
+        setattr(self, "dt_proj" + suffix, dt_proj)
+        # official spelling: A_log / A_b_log and D / D_b
+        setattr(self, "A" + suffix + "_log", a_log)
+        setattr(self, "D" + suffix, d_skip)
+
+    def _ssm(self, xz: Tensor, suffix: str) -> Tensor:
+        """One direction of ``MambaInnerFnNoOutProj``: xz (B, 2E, L) -> y * silu(z) (B, E, L)."""
+        conv: nn.Conv1d = getattr(self, "conv1d" + suffix)
+        x_proj: nn.Linear = getattr(self, "x_proj" + suffix)
+        dt_proj: nn.Linear = getattr(self, "dt_proj" + suffix)
+        a_log: Tensor = getattr(self, "A" + suffix + "_log")
+        d_skip: Tensor = getattr(self, "D" + suffix)
+
+        x, z = xz.chunk(2, dim=1)  # (B, E, L) each
+        x = causal_conv1d_reference(x, conv.weight, conv.bias, activation="silu")  # (B, E, L)
+        x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
+        dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt_proj without its bias: the scan adds it before softplus (delta_bias), as the fused kernel does.
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L)
+        return selective_scan(
+            x,
+            delta,
+            -torch.exp(_at_least_f32(a_log)),  # A (E, N)
+            b_in.transpose(1, 2),  # (B, N, L)
+            c_in.transpose(1, 2),  # (B, N, L)
+            D=_at_least_f32(d_skip),
+            z=z,
+            delta_bias=_at_least_f32(dt_proj.bias),
+            delta_softplus=True,
+        )
+
+    def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """hidden_states (B, L, M) -> (B, L, M). ``lengths`` is accepted for interface parity with the
+        bidirectional mixers; a causal mixer needs no mask for right padding."""
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
+        y = self._ssm(xz, "")  # (B, E, L)
+        return self.out_proj(y.transpose(1, 2))
+
+
+class InnerBiMamba(Mamba):
+    """Vim bimamba v2 mixer: (B, L, M) -> (B, L, M).
+
+    ``xz = in_proj(h)``; forward scan on xz with (conv1d, x_proj, dt_proj, A_log, D); backward scan on the
+    reversed xz with (conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b); output
+    ``out_proj((y_f + reverse(y_b)) / 2)`` when ``divide_out`` (Vim's ``if_devide_out``), else without /2.
+    The backward parameters get the same standard Mamba initialisation as the forward ones (Vim's model
+    init happens to zero ``dt_proj_b.bias``; that is an initialisation detail, not part of the function).
+    """
+
+    def __init__(self, d_model: int, divide_out: bool = True, **mamba_kwargs):
+        super().__init__(d_model, **mamba_kwargs)
+        self.divide_out = divide_out
+        self._add_ssm_params("_b")
+
+    def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """hidden_states (B, L, M), lengths (B,) or None -> (B, L, M)."""
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
+        y_f = self._ssm(xz, "")  # (B, E, L)
+        y_b = self._ssm(reverse_padded(xz, lengths, dim=-1), "_b")  # (B, E, L), reversed order
+        y = y_f + reverse_padded(y_b, lengths, dim=-1)
+        if self.divide_out:
+            y = y / 2
+        return self.out_proj(y.transpose(1, 2))
+
+
+class ExtBiMamba(nn.Module):
+    """External bidirectional Mamba: two independent :class:`Mamba` mixers, the second run on the
+    (valid-part) reversed sequence; outputs combined by ``"add"`` or ``"concat"`` followed by
+    ``output_proj`` (Linear 2M -> M). (B, L, M) -> (B, L, M)."""
+
+    def __init__(self, d_model: int, combine: str = "add", **mamba_kwargs):
+        super().__init__()
+        if combine not in ("add", "concat"):
+            raise ValueError(f"combine must be 'add' or 'concat', got {combine!r}")
+        self.combine = combine
+        self.forward_mamba = Mamba(d_model, **mamba_kwargs)
+        self.backward_mamba = Mamba(d_model, **mamba_kwargs)
+        self.output_proj = nn.Linear(2 * d_model, d_model) if combine == "concat" else None
+
+    def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """hidden_states (B, L, M), lengths (B,) or None -> (B, L, M)."""
+        y_f = self.forward_mamba(hidden_states)  # (B, L, M)
+        y_b = reverse_padded(self.backward_mamba(reverse_padded(hidden_states, lengths)), lengths)  # (B, L, M)
+        if self.output_proj is None:
+            return y_f + y_b
+        return self.output_proj(torch.cat([y_f, y_b], dim=-1))

@@ -1,0 +1,199 @@
+"""Selective scan (the Mamba-1 S6 recurrence) with a pluggable backend, and a causal depthwise conv1d.
+
+Semantics follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` / ``selective_scan_ref``
+(state-spaces/mamba) for real-valued ``A``.
+
+Shape glossary
+    B  batch            D  channels (d_inner)        L  sequence length
+    N  state size       G  groups of B/C (D must be a multiple of G)
+    W  conv kernel width
+
+Recurrence, per batch item b and channel d (state ``h`` is (N,), starts at 0):
+    delta_t = softplus(delta_t + delta_bias)        (bias and softplus optional)
+    h_t     = exp(delta_t * A) * h_(t-1) + delta_t * B_t * u_t
+    y_t     = <C_t, h_t> + D * u_t
+    out_t   = y_t * silu(z_t)                        (gate optional)
+
+Backends: ``reference`` (pure PyTorch, below). A backend is chosen by the ``backend`` argument, else by
+the ``SSAMBA_SCAN_BACKEND`` environment variable, else automatically (``auto``). Faster backends register
+themselves with :func:`register_backend`; every one must match the reference in outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "available_backends",
+    "causal_conv1d_reference",
+    "register_backend",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_reference",
+]
+
+ENV_VAR = "SSAMBA_SCAN_BACKEND"
+
+
+def _expand_groups(m: Tensor, dim: int) -> Tensor:
+    """(B, N, L) -> (B, 1, N, L); (B, G, N, L) -> (B, D, N, L) with each group shared by D/G channels."""
+    if m.dim() == 3:
+        return m.unsqueeze(1)
+    if m.dim() == 4:
+        groups = m.shape[1]
+        if dim % groups:
+            raise ValueError(f"channels ({dim}) must be a multiple of the B/C groups ({groups})")
+        return m.repeat_interleave(dim // groups, dim=1)
+    raise ValueError(f"B and C must be (batch, N, L) or (batch, G, N, L), got shape {tuple(m.shape)}")
+
+
+def selective_scan_reference(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Pure-PyTorch selective scan; the state is kept in float32 (or float64 for float64 inputs).
+
+    u, delta: (B, D, L); A: (D, N) real; B, C: (B, N, L) or (B, G, N, L); D, delta_bias: (D,);
+    z: (B, D, L). Returns out (B, D, L) in ``u.dtype`` [, last_state (B, D, N) in the state dtype].
+
+    Same arithmetic as ``selective_scan_ref``, but the time loop walks ``unbind``-ed slices of the
+    precomputed ``exp(delta*A)`` and ``delta*B*u`` and gathers outputs with one ``stack``: autograd then
+    records O(L) nodes whose backward is a single stack, whereas ``deltaA[:, :, i]`` indexing builds a
+    full-size zero gradient per step (O(L^2) time and memory in the backward).
+    """
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported; SSAMBA and Mamba-1 use real A")
+    dtype_in = u.dtype
+    compute = torch.promote_types(dtype_in, torch.float32)
+    u = u.to(compute)
+    delta = delta.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(compute)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    dim = A.shape[0]
+    B = _expand_groups(B.to(compute), dim)  # (B, 1|D, N, L)
+    C = _expand_groups(C.to(compute), dim)  # (B, 1|D, N, L)
+
+    # Discretisation (zero-order hold for A, Euler for B), laid out time-major so that each step reads a
+    # contiguous (B, D, N) slice. Products in selective_scan_ref's einsum order: (delta * B) * u.
+    delta_t = delta.permute(2, 0, 1)[..., None]  # (L, B, D, 1)
+    delta_a = torch.exp(delta_t * A.to(compute))  # (L, B, D, N)
+    delta_b_u = delta_t * B.permute(3, 0, 1, 2) * u.permute(2, 0, 1)[..., None]  # (L, B, D, N)
+    c_steps = C.permute(3, 0, 1, 2).unbind(0)  # L x (B, 1|D, N)
+
+    state = u.new_zeros((u.shape[0], dim, A.shape[1]))  # (B, D, N)
+    ys = []
+    for da_t, dbu_t, c_t in zip(delta_a.unbind(0), delta_b_u.unbind(0), c_steps, strict=True):
+        state = da_t * state + dbu_t
+        # einsum (a batched matmul) as selective_scan_ref: a mul+sum is faster here but rounds differently,
+        # and the reference path must reproduce the official float32 numbers bit for bit.
+        ys.append(torch.einsum("bdn,bdn->bd", state, c_t.expand_as(state)))  # (B, D)
+    y = torch.stack(ys, dim=2)  # (B, D, L)
+    out = y if D is None else y + u * D.to(compute)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(compute))
+    out = out.to(dtype_in)
+    return (out, state) if return_last_state else out
+
+
+def causal_conv1d_reference(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
+) -> Tensor:
+    """Depthwise causal conv1d, as ``causal_conv1d_ref`` (Dao-AILab/causal-conv1d).
+
+    x: (B, D, L); weight: (D, W) or (D, 1, W); bias: (D,). Output (B, D, L): left padding W-1 by
+    padding both sides and keeping the first L outputs, so position t only sees inputs <= t.
+    ``activation``: None or "silu".
+    """
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if weight.dim() == 2:
+        weight = weight.unsqueeze(1)  # (D, 1, W)
+    seqlen, width = x.shape[-1], weight.shape[-1]
+    out = F.conv1d(x.to(weight.dtype), weight, bias, padding=width - 1, groups=weight.shape[0])
+    out = out[..., :seqlen]
+    return F.silu(out) if activation == "silu" else out
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+ScanFn = Callable[..., "Tensor | tuple[Tensor, Tensor]"]
+# name -> (function, is_available(u) predicate). ``auto`` picks the first available one in insertion
+# order of ``_AUTO_ORDER``; the reference is always available and comes last.
+_BACKENDS: dict[str, tuple[ScanFn, Callable[[Tensor], bool]]] = {
+    "reference": (selective_scan_reference, lambda u: True),
+}
+_AUTO_ORDER: list[str] = ["reference"]
+
+
+def register_backend(
+    name: str, fn: ScanFn, is_available: Callable[[Tensor], bool], auto_priority: int | None = None
+) -> None:
+    """Add a scan backend. ``is_available(u)`` says whether it can run on ``u`` (device, dtype, install);
+    with ``auto_priority`` set it joins automatic selection at that position (0 = tried first)."""
+    _BACKENDS[name] = (fn, is_available)
+    if auto_priority is not None:
+        if name in _AUTO_ORDER:
+            _AUTO_ORDER.remove(name)
+        _AUTO_ORDER.insert(auto_priority, name)
+
+
+def available_backends() -> list[str]:
+    """Names accepted by ``backend=`` / ``SSAMBA_SCAN_BACKEND`` (plus ``auto``)."""
+    return list(_BACKENDS)
+
+
+def resolve_backend(u: Tensor, backend: str | None = None) -> str:
+    """The backend name that :func:`selective_scan` would use for input ``u``."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    name = name.strip().lower() or "auto"
+    if name == "auto":
+        for candidate in _AUTO_ORDER:
+            if _BACKENDS[candidate][1](u):
+                return candidate
+        return "reference"
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"unknown selective-scan backend {name!r} (from {'argument' if backend is not None else ENV_VAR}); "
+            f"choose one of: auto, {', '.join(_BACKENDS)}"
+        )
+    if not _BACKENDS[name][1](u):
+        raise ValueError(f"selective-scan backend {name!r} cannot run on this input/installation")
+    return name
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Selective scan with ``mamba_ssm.selective_scan_fn`` semantics (see the module docstring).
+
+    u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) or (B, G, N, L); D, delta_bias: (D,).
+    Returns out (B, D, L) [, last_state (B, D, N)].
+    ``backend``: "auto" (default), or a name from :func:`available_backends`; overrides $SSAMBA_SCAN_BACKEND.
+    """
+    fn = _BACKENDS[resolve_backend(u, backend)][0]
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

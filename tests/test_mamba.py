@@ -1,0 +1,151 @@
+"""Mamba mixers: float64 reference, gradient checks, padding consistency, initialisation."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ssamba.nn import ExtBiMamba, InnerBiMamba, Mamba, reverse_padded
+
+
+def direction_ref(m, xz, suffix):
+    """One scan direction written out in float64 loops from the module's parameters."""
+    p = {k: v.detach().double() for k, v in m.named_parameters()}
+    x, z = xz.chunk(2, dim=1)  # (B, E, L)
+    batch, e, length = x.shape
+    w, bias = p["conv1d" + suffix + ".weight"][:, 0], p["conv1d" + suffix + ".bias"]
+    width = w.shape[1]
+    xc = torch.zeros_like(x)
+    for t in range(length):
+        for k in range(width):
+            if t - (width - 1 - k) >= 0:
+                xc[..., t] += w[:, k] * x[..., t - (width - 1 - k)]
+    xc = F.silu(xc + bias[:, None])
+    A = -torch.exp(p["A" + suffix + "_log"])
+    y = torch.zeros_like(x)
+    for b in range(batch):
+        h = torch.zeros(e, m.d_state, dtype=torch.float64)
+        for t in range(length):
+            dbc = p["x_proj" + suffix + ".weight"] @ xc[b, :, t]
+            dt, bt, ct = dbc[: m.dt_rank], dbc[m.dt_rank : m.dt_rank + m.d_state], dbc[m.dt_rank + m.d_state :]
+            delta = F.softplus(p["dt_proj" + suffix + ".weight"] @ dt + p["dt_proj" + suffix + ".bias"])  # (E,)
+            h = torch.exp(delta[:, None] * A) * h + delta[:, None] * bt[None, :] * xc[b, :, t, None]
+            y[b, :, t] = (h @ ct + p["D" + suffix] * xc[b, :, t]) * F.silu(z[b, :, t])
+    return y
+
+
+def inner_ref(m, hidden):
+    xz = (hidden.double() @ m.in_proj.weight.detach().double().T).transpose(1, 2)
+    y = direction_ref(m, xz, "") + direction_ref(m, xz.flip(-1), "_b").flip(-1)
+    if m.divide_out:
+        y = y / 2
+    return y.transpose(1, 2) @ m.out_proj.weight.detach().double().T
+
+
+def small_inner(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = InnerBiMamba(6, d_state=3, d_conv=3, expand=2, **kw)
+    with torch.no_grad():  # move D and conv bias away from their constant inits so every path matters
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("divide_out", [True, False])
+def test_inner_bimamba_matches_float64_loops(divide_out):
+    m = small_inner(divide_out=divide_out)
+    x = torch.randn(2, 7, 6)
+    want = inner_ref(m, x)
+    torch.testing.assert_close(m(x).double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(copy.deepcopy(m).double()(x.double()), want, rtol=1e-10, atol=1e-10)
+
+
+def test_inner_bimamba_gradcheck_and_float32_gradients():
+    m64 = small_inner(seed=1).double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    params = {k: v.detach().clone().requires_grad_() for k, v in m64.named_parameters()}
+    names = list(params)
+    fn = lambda x, *p: functional_call(m64, dict(zip(names, p, strict=True)), (x,))
+    assert torch.autograd.gradcheck(fn, (x, *params.values()))
+
+    # float32 module vs float64 reference: gradients of the input and of every parameter
+    m32 = copy.deepcopy(m64).float()
+    w = torch.randn(2, 5, 6, dtype=torch.float64)
+    x32 = x.detach().float().requires_grad_()
+    (m32(x32) * w.float()).sum().backward()
+    (m64(x) * w).sum().backward()
+    torch.testing.assert_close(x32.grad.double(), x.grad, rtol=1e-4, atol=1e-5)
+    for (name, p32), p64 in zip(m32.named_parameters(), m64.parameters(), strict=True):
+        torch.testing.assert_close(p32.grad.double(), p64.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: small_inner(),
+        lambda: ExtBiMamba(6, combine="add", d_state=3),
+        lambda: ExtBiMamba(6, combine="concat", d_state=3),
+    ],
+    ids=["inner", "ext-add", "ext-concat"],
+)
+def test_padding_gives_the_item_alone(make):
+    torch.manual_seed(0)
+    m = make()
+    lengths = torch.tensor([9, 4, 6])
+    x = torch.randn(3, 9, 6)
+    x_pad = x.clone()
+    for b, n in enumerate(lengths):
+        x_pad[b, n:] = 1e3 * torch.randn(9 - n, 6)  # loud padding: any leak shows
+    x_pad.requires_grad_()
+    out = m(x_pad, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(out[b, :n], m(x[b : b + 1, :n])[0], rtol=1e-5, atol=1e-5)
+    # and nothing flows back from valid outputs into padding
+    valid = torch.arange(9)[None, :] < lengths[:, None]
+    (out * valid[..., None]).sum().backward()
+    assert x_pad.grad[~valid].abs().max() == 0
+    # a plain flip (no lengths) would scan the padding first and change valid outputs
+    assert (m(x_pad.detach())[1, :4] - out[1, :4].detach()).abs().max() > 1e-3
+
+
+def test_mamba_is_causal_and_initialised_like_mamba_ssm():
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=8, dt_min=1e-3, dt_max=0.1)
+    x = torch.randn(1, 10, 16)
+    x2 = x.clone()
+    x2[:, 6:] += 5
+    torch.testing.assert_close(m(x)[:, :6], m(x2)[:, :6])
+    assert m.dt_rank == math.ceil(16 / 16) and m.d_inner == 32
+    torch.testing.assert_close(m.A_log, torch.log(torch.arange(1.0, 9.0)).repeat(32, 1))
+    torch.testing.assert_close(m.D, torch.ones(32))
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+    assert m.A_log._no_weight_decay and m.D._no_weight_decay
+    assert m.in_proj.bias is None and m.out_proj.bias is None
+
+
+def test_inner_bimamba_parameter_names_match_vim():
+    names = {k for k, _ in InnerBiMamba(8).named_parameters()}
+    assert names == {
+        "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
+        "A_log", "D", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight",
+        "dt_proj_b.bias", "A_b_log", "D_b", "out_proj.weight",
+    }  # fmt: skip
+    m = InnerBiMamba(8)
+    assert m.A_b_log._no_weight_decay and m.D_b._no_weight_decay
+
+
+def test_reverse_padded():
+    x = torch.arange(10.0).reshape(2, 5)
+    out = reverse_padded(x, torch.tensor([5, 3]), dim=1)
+    assert out.tolist() == [[4, 3, 2, 1, 0], [7, 6, 5, 8, 9]]
+    torch.testing.assert_close(reverse_padded(out, torch.tensor([5, 3]), dim=1), x)
+    torch.testing.assert_close(reverse_padded(x, None, dim=1), x.flip(1))
+
+
+def test_ext_bimamba_rejects_unknown_combine():
+    with pytest.raises(ValueError, match="combine"):
+        ExtBiMamba(8, combine="mean")
