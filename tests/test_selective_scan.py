@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssamba.ops import causal_conv1d_reference, resolve_backend, selective_scan, selective_scan_reference
+from ssamba.ops import (
+    causal_conv1d_reference,
+    resolve_backend,
+    selective_scan,
+    selective_scan_reference,
+    use_backend,
+)
 
 
 def loop_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -101,7 +107,12 @@ def test_backward_graph_has_no_per_step_indexing():
 def test_backend_dispatch(monkeypatch):
     x = make_inputs(1, 2, 2, 3, 0)
     monkeypatch.delenv("SSAMBA_SCAN_BACKEND", raising=False)
-    assert resolve_backend(x["u"]) == "reference"
+    assert resolve_backend(x["u"]) == "cpu"  # auto: the fused kernel on CPU tensors
+    with use_backend("reference"):
+        assert resolve_backend(x["u"]) == "reference"
+        assert resolve_backend(x["u"], backend="cpu") == "cpu"  # an explicit argument wins
+    with use_backend("nope"), pytest.raises(ValueError, match="from use_backend"):
+        selective_scan(**x)
     with pytest.raises(ValueError, match="unknown selective-scan backend 'nope'"):
         selective_scan(**x, backend="nope")
     monkeypatch.setenv("SSAMBA_SCAN_BACKEND", "bogus")

@@ -41,7 +41,7 @@ def _data_stats(args) -> int:
 def _conformance(args) -> int:
     from ssamba.convert import conformance_cli
 
-    return conformance_cli(args.folder)
+    return conformance_cli(args.folder, backend=args.backend)
 
 
 def _convert(args) -> int:
@@ -52,11 +52,49 @@ def _convert(args) -> int:
     return 0
 
 
+def _bench_scan(args) -> int:
+    from ssamba.bench.scan import format_table, run
+
+    result = run(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
 def _demo(args) -> int:
     from ssamba.demo import run_demo
 
     report = run_demo(args.out, seed=args.seed, scale=args.scale, conformance=args.conformance)
     print(f"report: {report}")
+    return 0
+
+
+def _pretrain(args) -> int:
+    from ssamba.train.config import apply_overrides, load_config, recipe
+    from ssamba.train.loop import pretrain
+
+    cfg = recipe(args.model)
+    try:
+        if args.config is not None:
+            cfg.update(load_config(args.config), source=str(args.config))
+        apply_overrides(cfg, args.set)
+        cfg.model.name = args.model
+        cfg.data.train = str(args.train)
+        if args.valid is not None:
+            cfg.data.valid = str(args.valid)
+        if args.steps is not None:
+            cfg.train.steps = args.steps
+        if args.batch_size is not None:
+            cfg.train.batch_size = args.batch_size
+        cfg.validate()
+    except ValueError as e:  # a bad config key or value: one line naming it
+        print(f"ssamba pretrain: error: {e}", file=sys.stderr)
+        return 2
+    result = pretrain(cfg, args.out, resume=args.resume)
+    if result["interrupted"]:
+        print(f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved, continue with --resume")
+        return 130 if result["interrupted"] == "SIGINT" else 143
+    if result["final"]:
+        print(f"pretrained model (encoder + MSPM heads): {result['final']}")
     return 0
 
 
@@ -77,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     conformance = commands.add_parser(
         "conformance", help="replay an official-code fixture folder; exit 0 only when every output is in tolerance")
     conformance.add_argument("folder", type=Path, help="fixture folder (config.json, inputs.pt, outputs.pt, ...)")
+    conformance.add_argument("--backend", default="reference",
+                             help="selective-scan backend to replay with (default: reference, the faithful path)")
     conformance.set_defaults(func=_conformance)
 
     convert = commands.add_parser("convert", help="import an official SSAMBA/SSAST .pth checkpoint")
@@ -86,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
                          help="JSON file with the official constructor arguments (label_dim, fshape, ...)")
     convert.add_argument("--out", type=Path, required=True, help="output folder (safetensors + config.json)")
     convert.set_defaults(func=_convert)
+
+    bench = commands.add_parser("bench", help="benchmarks that print tables")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
+    scan = bench_commands.add_parser("scan", help="selective-scan backends vs baselines: time, peak memory")
+    scan.add_argument("--quick", action="store_true", help="L = 512 and 2048 only")
+    scan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    scan.set_defaults(func=_bench_scan)
+
+    pre = commands.add_parser("pretrain", help="masked spectrogram patch pretraining (resumable; DDP under torchrun)")
+    pre.add_argument("--model", required=True, help="registry name, e.g. ssamba_tiny or ssast_tiny")
+    pre.add_argument("--train", type=Path, required=True, help="training manifest (labels unused)")
+    pre.add_argument("--valid", type=Path, default=None, help="validation manifest (masked accuracy, MSE)")
+    pre.add_argument("--out", type=Path, required=True, help="run folder: config.json, checkpoints/, metrics.jsonl")
+    pre.add_argument("--steps", type=int, default=None, help="optimizer steps (train.steps)")
+    pre.add_argument("--batch-size", type=int, default=None, help="global batch per step (train.batch_size)")
+    pre.add_argument("--config", type=Path, default=None, help="TOML (or a run's config.json) with config sections")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config key, e.g. --set optim.lr=3e-4 --set model.overrides.depth=4")
+    pre.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    pre.set_defaults(func=_pretrain)
 
     data = commands.add_parser("data", help="datasets: the demo corpus, normalisation statistics")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ssamba.convert.official import import_official
 from ssamba.models.spectrogram import SpectrogramEncoder
+from ssamba.ops.selective_scan import use_backend
 
 __all__ = ["ReplayResult", "conformance_cli", "replay"]
 
@@ -119,9 +120,16 @@ def _head_state(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def replay(folder: str | Path, atol: float = ATOL) -> list[ReplayResult]:
-    """Replay every output of a fixture folder; one :class:`ReplayResult` per compared tensor."""
-    folder = Path(folder)
+def replay(folder: str | Path, atol: float = ATOL, backend: str = "reference") -> list[ReplayResult]:
+    """Replay every output of a fixture folder; one :class:`ReplayResult` per compared tensor.
+
+    ``backend``: the selective-scan backend (default the reference, the faithful path; a fast backend
+    shows how far it is from the official numbers)."""
+    with use_backend(backend):
+        return _replay(Path(folder), atol)
+
+
+def _replay(folder: Path, atol: float) -> list[ReplayResult]:
     config = _load(folder, "config.json")
     inputs, outputs = _load(folder, "inputs.pt"), _load(folder, "outputs.pt")
     pretrain_path = _require(folder, "pretrain_state_dict.pt")
@@ -182,10 +190,10 @@ def replay(folder: str | Path, atol: float = ATOL) -> list[ReplayResult]:
     return results
 
 
-def conformance_cli(folder: str | Path) -> int:
+def conformance_cli(folder: str | Path, backend: str = "reference") -> int:
     """Print a max_abs_err table for a fixture folder; 0 when every output is within tolerance, else 1."""
     try:
-        results = replay(folder)
+        results = replay(folder, backend=backend)
     except (FileNotFoundError, ValueError, NotImplementedError, KeyError) as err:
         print(f"conformance: {folder}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Numerical kernels with pure-PyTorch references (selective scan, causal depthwise conv1d)."""
 
+from ssamba.ops import scan_cpu as _scan_cpu  # noqa: F401  (registers the numba "cpu" backend)
 from ssamba.ops.selective_scan import (
     available_backends,
     causal_conv1d_reference,
@@ -7,6 +8,7 @@ from ssamba.ops.selective_scan import (
     resolve_backend,
     selective_scan,
     selective_scan_reference,
+    use_backend,
 )
 
 __all__ = [
@@ -16,4 +18,5 @@ __all__ = [
     "resolve_backend",
     "selective_scan",
     "selective_scan_reference",
+    "use_backend",
 ]

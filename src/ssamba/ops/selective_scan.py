@@ -14,15 +14,19 @@ Recurrence, per batch item b and channel d (state ``h`` is (N,), starts at 0):
     y_t     = <C_t, h_t> + D * u_t
     out_t   = y_t * silu(z_t)                        (gate optional)
 
-Backends: ``reference`` (pure PyTorch, below). A backend is chosen by the ``backend`` argument, else by
-the ``SSAMBA_SCAN_BACKEND`` environment variable, else automatically (``auto``). Faster backends register
-themselves with :func:`register_backend`; every one must match the reference in outputs and gradients.
+Backends: ``reference`` (pure PyTorch, below; bit-identical to the official float32 numbers) and the ones
+that register themselves (``cpu``: fused numba kernels, ``ssamba.ops.scan_cpu``). A backend is chosen by the
+``backend`` argument, else by an enclosing :func:`use_backend`, else by the ``SSAMBA_SCAN_BACKEND``
+environment variable, else automatically (``auto``: the fastest available for the input's device).
+Backends register themselves with :func:`register_backend`; every one must match the reference in outputs
+and gradients.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,7 @@ __all__ = [
     "resolve_backend",
     "selective_scan",
     "selective_scan_reference",
+    "use_backend",
 ]
 
 ENV_VAR = "SSAMBA_SCAN_BACKEND"
@@ -152,6 +157,20 @@ def register_backend(
         _AUTO_ORDER.insert(auto_priority, name)
 
 
+_forced: list[str] = []  # stack of use_backend() names, innermost last
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within the block, every :func:`selective_scan` without an explicit ``backend`` uses ``name``
+    (e.g. ``"reference"`` to replay the official numbers bit for bit)."""
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def available_backends() -> list[str]:
     """Names accepted by ``backend=`` / ``SSAMBA_SCAN_BACKEND`` (plus ``auto``)."""
     return list(_BACKENDS)
@@ -159,7 +178,8 @@ def available_backends() -> list[str]:
 
 def resolve_backend(u: Tensor, backend: str | None = None) -> str:
     """The backend name that :func:`selective_scan` would use for input ``u``."""
-    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    source = "argument" if backend is not None else "use_backend" if _forced else ENV_VAR
+    name = backend if backend is not None else _forced[-1] if _forced else os.environ.get(ENV_VAR, "auto")
     name = name.strip().lower() or "auto"
     if name == "auto":
         for candidate in _AUTO_ORDER:
@@ -168,7 +188,7 @@ def resolve_backend(u: Tensor, backend: str | None = None) -> str:
         return "reference"
     if name not in _BACKENDS:
         raise ValueError(
-            f"unknown selective-scan backend {name!r} (from {'argument' if backend is not None else ENV_VAR}); "
+            f"unknown selective-scan backend {name!r} (from {source}); "
             f"choose one of: auto, {', '.join(_BACKENDS)}"
         )
     if not _BACKENDS[name][1](u):

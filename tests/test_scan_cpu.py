@@ -1,0 +1,238 @@
+"""Equivalence of the selective-scan backends (``cpu``: fused numba kernels; ``reference``: pure PyTorch) with a
+straightforward float64 scan written here: outputs, last state and every gradient.
+
+Shape glossary: B batch, D channels, L length, N state size, G groups of B/C (0 in a case = B/C given as
+(B, N, L) without a group axis).
+
+Tolerances, as max |backend - float64| <= RTOL * max |float64| per tensor (a max-norm relative error, which
+stays meaningful for gradients with entries near zero):
+    float64 inputs: 1e-12 (the backends compute in float64; worst observed over CASES 3e-15)
+    float32 inputs: 2e-5 (float32 state over up to 700 steps; worst observed over CASES 5e-7, both backends)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ssamba.ops.scan_cpu  # noqa: F401  (registers the "cpu" backend)
+from ssamba.ops.selective_scan import selective_scan
+
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+BACKENDS = ["cpu", "reference"]
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+def scan_float64(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The recurrence of the module docstring of ssamba.ops.selective_scan, one step at a time, in float64."""
+    dim = A.shape[0]
+    dt = delta if delta_bias is None else delta + delta_bias[:, None]  # (B, D, L)
+    if delta_softplus:
+        dt = F.softplus(dt)
+    b_exp = B.unsqueeze(1) if B.dim() == 3 else B.repeat_interleave(dim // B.shape[1], dim=1)  # (B, 1|D, N, L)
+    c_exp = C.unsqueeze(1) if C.dim() == 3 else C.repeat_interleave(dim // C.shape[1], dim=1)
+    h = u.new_zeros(u.shape[0], dim, A.shape[1])  # (B, D, N)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(dt[..., t, None] * A) * h + (dt[..., t] * u[..., t])[..., None] * b_exp[..., t]
+        ys.append((h * c_exp[..., t]).sum(-1))  # (B, D)
+    y = torch.stack(ys, dim=-1)  # (B, D, L)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y, h
+
+
+def make_inputs(batch, dim, seqlen, nstate, groups, *, with_d, with_z, with_bias, softplus, seed, big_delta=False):
+    """float64 leaves (None for absent optional inputs), in the value ranges Mamba uses."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    bc_shape = (batch, nstate, seqlen) if groups == 0 else (batch, groups, nstate, seqlen)
+    if softplus:
+        delta = randn(batch, dim, seqlen) * 0.5 - 1.5
+        if big_delta:  # exercise softplus's pass-through above its threshold (20)
+            delta[..., ::3] += 25.0
+        bias = randn(dim) * 0.2
+    else:  # keep delta + bias > 0, else the state grows without bound
+        delta = torch.rand(batch, dim, seqlen, generator=g, dtype=torch.float64) * 0.3 + 0.01
+        bias = torch.rand(dim, generator=g, dtype=torch.float64) * 0.1
+    tensors = {
+        "u": randn(batch, dim, seqlen),
+        "delta": delta,
+        "A": -torch.exp(randn(dim, nstate) * 0.5),
+        "B": randn(*bc_shape),
+        "C": randn(*bc_shape),
+        "D": randn(dim) if with_d else None,
+        "z": randn(batch, dim, seqlen) if with_z else None,
+        "delta_bias": bias if with_bias else None,
+    }
+    return {k: None if v is None else v.requires_grad_() for k, v in tensors.items()}
+
+
+def check_backend(backend, dtype, inputs, softplus, seed=0):
+    """Compare out, last state and all gradients of ``backend`` at ``dtype`` with the float64 scan."""
+    ref_out, ref_last = scan_float64(*inputs.values(), softplus)
+    g = torch.Generator().manual_seed(seed + 1)
+    w_out = torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
+    w_last = torch.randn(ref_last.shape, generator=g, dtype=torch.float64)
+    present = [k for k in NAMES if inputs[k] is not None]
+    ref_grads = torch.autograd.grad((ref_out * w_out).sum() + (ref_last * w_last).sum(), [inputs[k] for k in present])
+
+    cast = {k: None if v is None else v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+    out, last = selective_scan(
+        *cast.values(), delta_softplus=softplus, return_last_state=True, backend=backend
+    )  # fmt: skip
+    assert out.dtype == dtype and out.shape == ref_out.shape and last.shape == ref_last.shape
+    loss = (out.double() * w_out).sum() + (last.double() * w_last).sum()
+    grads = torch.autograd.grad(loss, [cast[k] for k in present])
+
+    rtol = RTOL[dtype]
+    for name, got, want in [("out", out, ref_out), ("last_state", last, ref_last)] + list(
+        zip([f"d{k}" for k in present], grads, ref_grads, strict=True)
+    ):
+        assert got.shape == want.shape, name
+        err = (got.double() - want).abs().max().item()
+        scale = want.abs().max().item()
+        assert err <= rtol * max(scale, 1e-30), f"{backend} {dtype} {name}: max err {err:.3g}, max |ref| {scale:.3g}"
+
+
+# (batch, D, L, N, groups, with_d, with_z, with_bias, softplus)
+CASES = [
+    pytest.param(2, 4, 1, 16, 0, True, True, True, True, id="L1"),
+    pytest.param(1, 3, 37, 16, 0, False, False, False, False, id="oddL-bare"),
+    pytest.param(2, 6, 700, 16, 0, True, True, True, True, id="L700-full"),
+    pytest.param(2, 8, 129, 16, 2, True, False, True, True, id="grouped-L129"),
+    pytest.param(1, 4, 50, 5, 0, False, True, False, True, id="N5"),
+    pytest.param(3, 4, 300, 20, 4, True, True, False, False, id="N20-grouped"),
+    pytest.param(1, 5, 256, 16, 1, False, False, True, False, id="G1-L256"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("batch,dim,seqlen,nstate,groups,with_d,with_z,with_bias,softplus", CASES)
+def test_backend_matches_float64(backend, dtype, batch, dim, seqlen, nstate, groups, with_d, with_z, with_bias,
+                                 softplus):  # fmt: skip
+    inputs = make_inputs(batch, dim, seqlen, nstate, groups, with_d=with_d, with_z=with_z, with_bias=with_bias,
+                         softplus=softplus, seed=seqlen)  # fmt: skip
+    check_backend(backend, dtype, inputs, softplus)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_softplus_threshold(backend, dtype):
+    """delta + bias above 20 passes through softplus unchanged, with gradient 1, as torch's softplus."""
+    inputs = make_inputs(2, 3, 40, 16, 0, with_d=True, with_z=True, with_bias=True, softplus=True, seed=7,
+                         big_delta=True)  # fmt: skip
+    check_backend(backend, dtype, inputs, softplus=True)
+
+
+def test_mixed_b_c_layouts():
+    """B shared by all channels (B, N, L) while C is grouped (B, G, N, L), and the other way round."""
+    for b_groups, c_groups in [(0, 3), (2, 0)]:
+        inputs = make_inputs(2, 6, 33, 16, b_groups or 1, with_d=True, with_z=False, with_bias=True, softplus=True,
+                             seed=3)  # fmt: skip
+        g = torch.Generator().manual_seed(5)
+        shape = (2, 16, 33) if c_groups == 0 else (2, c_groups, 16, 33)
+        if b_groups == 0:
+            inputs["B"] = inputs["B"].detach()[:, 0].requires_grad_()
+        inputs["C"] = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+        for backend in BACKENDS:
+            check_backend(backend, torch.float64, inputs, softplus=True)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    dim=st.sampled_from([1, 2, 4, 6]),
+    seqlen=st.integers(1, 300),
+    nstate=st.integers(1, 20),
+    grouped=st.booleans(),
+    flags=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_backend_property(batch, dim, seqlen, nstate, grouped, flags, seed):
+    """Random shapes and options (float64, where any mismatch is a bug rather than rounding)."""
+    with_d, with_z, with_bias, softplus = flags
+    groups = 2 if grouped and dim % 2 == 0 else 0
+    inputs = make_inputs(batch, dim, seqlen, nstate, groups, with_d=with_d, with_z=with_z, with_bias=with_bias,
+                         softplus=softplus, seed=seed)  # fmt: skip
+    check_backend("cpu", torch.float64, inputs, softplus, seed=seed)
+
+
+def test_no_grad_path_and_low_precision():
+    """Without autograd the forward skips checkpoints but gives the same numbers; bfloat16 in, bfloat16 out."""
+    inputs = make_inputs(2, 4, 200, 16, 0, with_d=True, with_z=True, with_bias=True, softplus=True, seed=11)
+    args = [None if v is None else v.detach().float() for v in inputs.values()]
+    with torch.no_grad():
+        out_ng, last_ng = selective_scan(*args, delta_softplus=True, return_last_state=True, backend="cpu")
+    grad_args = [None if a is None else a.clone().requires_grad_() for a in args]
+    out_g, last_g = selective_scan(*grad_args, delta_softplus=True, return_last_state=True, backend="cpu")
+    assert torch.equal(out_ng, out_g.detach()) and torch.equal(last_ng, last_g.detach())
+
+    bf16 = [None if a is None else a.bfloat16() for a in args]
+    out_bf = selective_scan(*bf16, delta_softplus=True, backend="cpu")
+    ref_bf = selective_scan(*bf16, delta_softplus=True, backend="reference")
+    assert out_bf.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf.float(), ref_bf.float(), rtol=0, atol=2e-2 * ref_bf.float().abs().max().item())
+
+
+def test_only_last_state_used():
+    """A loss on the last state alone (dout is None in the backward) still gives the float64 gradients."""
+    inputs = make_inputs(1, 3, 150, 16, 0, with_d=True, with_z=True, with_bias=False, softplus=True, seed=2)
+    present = [k for k in NAMES if inputs[k] is not None]
+    _, ref_last = scan_float64(*inputs.values(), True)
+    want = torch.autograd.grad(ref_last.sum(), [inputs[k] for k in present], allow_unused=True)
+    args = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    _, last = selective_scan(*args.values(), delta_softplus=True, return_last_state=True, backend="cpu")
+    got = torch.autograd.grad(last.sum(), [args[k] for k in present], allow_unused=True)
+    for name, a, b in zip(present, got, want, strict=True):
+        if b is None:  # D and z do not reach the state
+            assert a is None or not a.abs().max() > 0, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: a.update(delta=a["delta"][..., :-1]), "delta must have u's shape"),
+        (lambda a: a.update(A=a["A"][:-1]), "A must be"),
+        (lambda a: a.update(B=a["B"][..., :-1]), "B must be"),
+        (lambda a: a.update(C=a["C"].unsqueeze(1).expand(-1, 3, -1, -1)), "C must be"),
+        (lambda a: a.update(D=a["D"][:-1]), "D must be"),
+        (lambda a: a.update(A=a["A"].to(torch.complex64)), "complex A"),
+    ],
+)
+def test_bad_shapes_are_errors(change, message):
+    """The kernels do not bounds-check, so shapes are checked before them."""
+    inputs = {k: None if v is None else v.detach().float() for k, v in make_inputs(
+        2, 4, 10, 16, 0, with_d=True, with_z=False, with_bias=False, softplus=False, seed=0).items()}  # fmt: skip
+    change(inputs)
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        selective_scan(*inputs.values(), backend="cpu")
+
+
+def test_bench_scan_smoke():
+    """``ssamba bench scan``'s library side end to end at a toy length (no timing asserted, only the contract)."""
+    import json
+
+    from ssamba.bench import scan as bench
+
+    result = bench.run(lengths=(4,), measure_memory=False)
+    assert {r["method"] for r in result["rows"]} >= {"backend:cpu", "backend:reference", "baseline:torch_loop",
+                                                      "baseline:per_step"}  # fmt: skip
+    assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in result["rows"])
+    assert json.loads(json.dumps(result)) == result
+    table = bench.format_table(result)
+    assert "| 4 | backend:cpu |" in table and "Speed-up of backend:cpu" in table
+    if bench.os.path.exists("/proc/self/clear_refs"):
+        memory = bench._memory_child("backend:cpu", 4)
+        assert memory["forward_backward_mib"] >= 0
