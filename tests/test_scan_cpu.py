@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import ssamba.ops.scan_cpu  # noqa: F401  (registers the "cpu" backend)
-from ssamba.ops.selective_scan import selective_scan
+import ssamba.ops  # noqa: F401  (registers the "cpu" and "cuda" backends)
+from ssamba.ops.selective_scan import resolve_backend, selective_scan
 
 RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 BACKENDS = ["cpu", "reference"]
+CUDA_BACKENDS = ["cuda", "reference"]
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
 
@@ -236,3 +237,28 @@ def test_bench_scan_smoke():
     if bench.os.path.exists("/proc/self/clear_refs"):
         memory = bench._memory_child("backend:cpu", 4)
         assert memory["forward_backward_mib"] >= 0
+
+
+def test_cuda_backend_refuses_clearly_where_it_cannot_run():
+    u = torch.zeros(1, 2, 3)
+    assert resolve_backend(u) == "cpu"
+    with pytest.raises(ValueError, match="'cuda' cannot run"):
+        resolve_backend(u, backend="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("seqlen,groups", [(1, 0), (257, 0), (700, 2)])
+def test_cuda_backends_match_float64(backend, seqlen, groups):
+    if backend == "cuda" and ssamba.ops.scan_cuda.selective_scan_fn is None:
+        pytest.skip("mamba_ssm is not installed (pip install ssamba[cuda])")
+    inputs = make_inputs(2, 8, seqlen, 16, groups, with_d=True, with_z=True, with_bias=True, softplus=True, seed=3)
+    leaves = {k: v.detach().float().cuda().requires_grad_() if v is not None else None for k, v in inputs.items()}
+    out, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True, backend=backend)
+    ref_out, ref_last = scan_float64(**inputs, delta_softplus=True)
+    (out.sum() + last.sum()).backward()
+    (ref_out.sum() + ref_last.sum()).backward()
+    for got, want in [(out, ref_out), (last, ref_last)] + [(leaves[k].grad, inputs[k].grad) for k in NAMES]:
+        err = (got.double().cpu() - want).abs().max() / want.abs().max().clamp(min=1e-30)
+        assert err <= 1e-4

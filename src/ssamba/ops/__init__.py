@@ -1,6 +1,7 @@
 """Numerical kernels with pure-PyTorch references (selective scan, causal depthwise conv1d)."""
 
 from ssamba.ops import scan_cpu as _scan_cpu  # noqa: F401  (registers the numba "cpu" backend)
+from ssamba.ops import scan_cuda as _scan_cuda  # noqa: F401  (registers the mamba_ssm "cuda" backend)
 from ssamba.ops.selective_scan import (
     available_backends,
     causal_conv1d_reference,
