@@ -14,7 +14,7 @@ def test_demo_writes_a_truthful_report_and_reuses_finished_stages(tmp_path, monk
     assert "| Offline demo corpus | done |" in report and "| Features | done |" in report
     assert "| kws |" in report and "fbank mean" in report
     assert (tmp_path / "corpus" / "manifests" / "kws_train.json").exists()
-    assert "## Not built yet" in report  # says what it does not do instead of pretending
+    assert "## Not run yet" in report  # says what it does not do instead of pretending
 
     # A rerun reuses the finished stages; a failing stage is reported while the others still run.
     def broken(ctx):

@@ -26,6 +26,7 @@ from ssamba.models.spectrogram import SpectrogramEncoder, load_pretrained
 __all__ = ["MPCResult", "MPGResult", "MSPMOutput", "MaskedPatchPretraining"]
 
 HEADS_FILE = "mspm.safetensors"
+NCE_ORIENTATIONS = ("official", "paper")
 
 
 @dataclass
@@ -62,10 +63,15 @@ class MaskedPatchPretraining(nn.Module):
     values (the official code hard-codes 256, which is P for both its 16x16 and 128x2 patches).
     """
 
-    def __init__(self, encoder: SpectrogramEncoder):
+    def __init__(self, encoder: SpectrogramEncoder, nce_orientation: str = "official"):
         super().__init__()
+        if nce_orientation not in NCE_ORIENTATIONS:
+            raise ValueError(f"nce_orientation must be one of {NCE_ORIENTATIONS}, got {nce_orientation!r}")
         c = encoder.config
         self.encoder = encoder
+        # "official": softmax over predictions for each true patch (upstream code); "paper": softmax over the
+        # true patches for each prediction (SSAST paper eq. 1, InfoNCE with the other masked patches as negatives)
+        self.nce_orientation = nce_orientation
         patch_dim = c.fshape * c.tshape
         self.mask_embed = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         nn.init.xavier_normal_(self.mask_embed)  # learnable mask token, following BEiT (official comment)
@@ -106,9 +112,17 @@ class MaskedPatchPretraining(nn.Module):
         softmax, column-wise argmax), kept as is.
         """
         picked, target = self._masked_pass(x, mask_index, lengths)
-        pred = self.cpredlayer(picked)  # (B, M, P)
+        return self._nce(self.cpredlayer(picked), target)
+
+    def _nce(self, pred: Tensor, target: Tensor) -> MPCResult:
+        """pred, target (B, M, P) -> InfoNCE over the M masked patches of each item."""
         total = torch.bmm(target, pred.transpose(1, 2))  # (B, M, M)
         m = total.shape[-1]
+        if self.nce_orientation == "paper":
+            log_p = F.log_softmax(total, dim=1)  # over true patches, per prediction (column)
+            hits = torch.argmax(total, dim=1) == torch.arange(m, device=total.device)  # (B, M)
+            nce = -torch.diagonal(log_p, dim1=-2, dim2=-1).mean()
+            return MPCResult(acc=hits.sum().to(total.dtype) / hits.numel(), nce=nce, pred=pred)
         hits = torch.argmax(F.softmax(total, dim=-1), dim=1) == torch.arange(m, device=total.device)  # (B, M)
         acc = hits.sum().to(total.dtype) / hits.numel()
         # Sum each item's diagonal from a contiguous copy (as upstream's torch.diag(...).sum()) and
@@ -130,12 +144,20 @@ class MaskedPatchPretraining(nn.Module):
         self,
         x: Tensor,
         mpc_mask_index: Tensor,
-        mpg_mask_index: Tensor,
+        mpg_mask_index: Tensor | None,
         lengths: Tensor | None = None,
         mpg_weight: float = 10.0,
     ) -> MSPMOutput:
-        """Official ``pretrain_joint`` step: two encoder passes with separate masks;
-        loss = nce + mpg_weight * mse (10 upstream)."""
+        """One pretraining step's losses: loss = nce + mpg_weight * mse (10 upstream).
+
+        Official ``pretrain_joint``: two encoder passes with separate masks. ``mpg_mask_index=None`` runs a
+        single pass: both heads read the same masked encoding (half the encoder cost).
+        """
+        if mpg_mask_index is None:
+            picked, target = self._masked_pass(x, mpc_mask_index, lengths)
+            c = self._nce(self.cpredlayer(picked), target)
+            mse = torch.mean((self.gpredlayer(picked) - target) ** 2)
+            return MSPMOutput(loss=c.nce + mpg_weight * mse, acc=c.acc, nce=c.nce, mse=mse)
         c = self.mpc(x, mpc_mask_index, lengths)
         g = self.mpg(x, mpg_mask_index, lengths)
         return MSPMOutput(loss=c.nce + mpg_weight * g.mse, acc=c.acc, nce=c.nce, mse=g.mse)

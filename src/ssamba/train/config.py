@@ -1,0 +1,197 @@
+"""Pretraining configuration: one commented dataclass per section, recipe presets, TOML files, ``a.b=value``
+overrides. Precedence: recipe preset (by model family) < config file < ``--set`` < explicit CLI flags.
+Unknown keys are errors naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
+
+__all__ = ["PretrainConfig", "apply_overrides", "load_config", "recipe"]
+
+
+@dataclass
+class ModelSection:
+    # registry name (ssamba.list_models()): ssamba_tiny, ssast_tiny, ...
+    name: str = "ssamba_tiny"
+    # config overrides for create_model (e.g. {depth = 4}); input_tdim defaults to data.target_length
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    # manifests (SSAST JSON, .jsonl or a folder per class); labels are ignored
+    train: str = ""
+    valid: str = ""
+    # frames per clip after pad/cut (official 1024 = 10.24 s); the demo's 1 s keywords fit 96
+    target_length: int = 1024
+    # mask and encode only each clip's valid patches (False = official: padding frames are patches too)
+    use_lengths: bool = True
+    # fbank normalisation (x - mean) / (2 std); official AudioSet+LibriSpeech values
+    mean: float = -4.2677393
+    std: float = 4.5689974
+    # DataLoader worker processes computing fbank (0 = in the training process)
+    num_workers: int = 2
+    # leave out unreadable files (counted) instead of stopping
+    skip_bad: bool = False
+
+
+@dataclass
+class MaskSection:
+    # masked patches for a clip of `reference_patches` patches; scaled to the batch's shortest clip
+    # (official 400 of 512 = 1024 frames x 128 bins in 16x16 patches)
+    mask_patch: int = 400
+    reference_patches: int = 512
+    # "cluster" (official for 16x16 patches), "frame" (official for 128x2 frame tokens), "auto" by patch shape
+    kind: str = "auto"
+    # official pretrain_joint: separate masks and encoder passes for the two objectives
+    two_pass: bool = True
+    # InfoNCE softmax orientation: "official" (code) or "paper"
+    nce_orientation: str = "official"
+    # loss = nce + mpg_weight * mse
+    mpg_weight: float = 10.0
+
+
+@dataclass
+class OptimSection:
+    # "adamw" (SSAMBA) or "adam" (SSAST, L2 weight decay)
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 5e-8
+    betas: tuple = (0.95, 0.999)
+    # linear warm-up over the first steps; the official code sets lr = step/1000 * lr every 50 steps
+    warmup_steps: int = 1000
+    warmup_every: int = 50
+    # ReduceLROnPlateau on validation masked accuracy (official factor 0.5, patience 2 validations)
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    # max gradient norm (0 = off; the official code does not clip)
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    # clips per optimizer step over all processes (global batch)
+    batch_size: int = 64
+    # micro-batches per step per process; batch_size must divide by grad_accum * world size
+    grad_accum: int = 1
+    seed: int = 0
+    # "auto" (bf16 on CUDA when supported, else fp32), "fp32", "bf16", "fp16" (CUDA, with a GradScaler)
+    precision: str = "auto"
+    # "auto", "cpu", "cuda"
+    device: str = "auto"
+    # stop with an error after this many non-finite losses in a row (each is skipped)
+    max_bad_steps: int = 5
+
+
+@dataclass
+class LogSection:
+    # metrics.jsonl / progress bar every N steps
+    log_every: int = 1
+    # validation every N steps (0 = only at the end) on at most eval_batches batches (0 = all), fixed mask seed
+    eval_every: int = 500
+    eval_batches: int = 0
+    eval_mask_seed: int = 1234
+    # checkpoints every N steps and at the end; keep the last K
+    ckpt_every: int = 500
+    keep_last: int = 3
+    # TensorBoard scalars in RUN/tb (needs the optional `tensorboard` package)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "mask": MaskSection, "optim": OptimSection,
+            "train": TrainSection, "log": LogSection}  # fmt: skip
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    mask: MaskSection = field(default_factory=MaskSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def update(self, values: dict[str, Any], source: str = "config") -> None:
+        """Merge ``{"section": {"key": value}}``; unknown sections/keys raise ValueError naming them."""
+        for section, entries in values.items():
+            if section not in SECTIONS:
+                raise ValueError(f"{source}: unknown config section {section!r}; known: {', '.join(SECTIONS)}")
+            if not isinstance(entries, dict):
+                raise ValueError(f"{source}: [{section}] must be a table of keys")
+            target = getattr(self, section)
+            known = {f.name for f in dataclasses.fields(target)}
+            for key, value in entries.items():
+                if key not in known:
+                    raise ValueError(f"{source}: unknown config key {section}.{key}; known: {', '.join(sorted(known))}")
+                if key == "betas":
+                    value = tuple(value)
+                setattr(target, key, value)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.mask.kind not in ("auto", "cluster", "frame"):
+            raise ValueError(f"mask.kind must be auto, cluster or frame, got {self.mask.kind!r}")
+        if self.mask.nce_orientation not in ("official", "paper"):
+            raise ValueError(f"mask.nce_orientation must be official or paper, got {self.mask.nce_orientation!r}")
+        if self.optim.name not in ("adam", "adamw"):
+            raise ValueError(f"optim.name must be adam or adamw, got {self.optim.name!r}")
+        if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.train.precision!r}")
+        if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
+            raise ValueError("train.steps, train.batch_size and train.grad_accum must be positive")
+
+
+def recipe(model_name: str) -> PretrainConfig:
+    """Official preset for the model's family: SSAMBA (AdamW, wd 5e-8) or SSAST (Adam, wd 5e-7, batch 24 as
+    in its run_mask_patch.sh); both lr 1e-4, betas (0.95, 0.999), warm-up 1000 steps, plateau on val accuracy."""
+    cfg = PretrainConfig()
+    cfg.model.name = model_name
+    if model_name.startswith("ssast"):
+        cfg.optim.name, cfg.optim.weight_decay, cfg.train.batch_size = "adam", 5e-7, 24
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value (``3``, ``1e-4``, ``true``, ``[0.9, 0.99]``, ``{depth = 2}``); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: PretrainConfig, pairs: list[str]) -> None:
+    """``section.key=value`` (``model.overrides.depth=2`` sets one model override)."""
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2:
+            raise ValueError(f"--set expects section.key=value, got {pair!r}")
+        value = parse_value(text.strip())
+        if parts[:2] == ["model", "overrides"] and len(parts) == 3:
+            cfg.model.overrides = {**cfg.model.overrides, parts[2]: value}
+        elif len(parts) == 2:
+            cfg.update({parts[0]: {parts[1]: value}}, source=f"--set {pair}")
+        else:
+            raise ValueError(f"--set expects section.key=value, got {pair!r}")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A TOML (``.toml``) or JSON (``.json``, e.g. a run's saved config.json) file as a dict of sections."""
+    path = Path(path)
+    text = path.read_text()
+    return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)

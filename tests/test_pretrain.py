@@ -1,0 +1,137 @@
+"""`ssamba pretrain`: config handling, objective options, a short run end to end, non-finite losses."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ssamba.audio import save_audio
+from ssamba.cli import main
+from ssamba.data.manifest import Example, write_manifest
+from ssamba.models import create_model
+from ssamba.pretrain import MaskedPatchPretraining
+from ssamba.train.config import PretrainConfig, apply_overrides, load_config, recipe
+from ssamba.train.loop import NonFiniteLossError, pretrain
+
+TINY = ["--set", "model.overrides.embed_dim=32", "--set", "model.overrides.depth=2", "--set", "data.target_length=48",
+        "--set", "data.num_workers=0", "--set", "log.progress=false", "--set", "log.tensorboard=false",
+        "--set", "optim.warmup_steps=2", "--set", "optim.warmup_every=1", "--set", "optim.lr=1e-3"]  # fmt: skip
+
+
+def make_corpus(folder, items=16, seconds=0.5):
+    """Sines with noise, a few frequencies; returns the manifest path."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(16000 * seconds)) / 16000
+    examples = []
+    for i in range(items):
+        wave = 0.3 * np.sin(2 * np.pi * (200 + 150 * (i % 5)) * t) + 0.05 * rng.standard_normal(t.shape)
+        path = folder / f"clip{i}.wav"
+        save_audio(path, wave.astype(np.float32))
+        examples.append(Example(path=path))
+    write_manifest(folder / "train.json", examples)
+    return folder / "train.json"
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_config_errors_and_overrides(tmp_path):
+    cfg = recipe("ssast_tiny")
+    assert (cfg.optim.name, cfg.optim.weight_decay, cfg.train.batch_size) == ("adam", 5e-7, 24)
+    assert recipe("ssamba_tiny").optim.betas == (0.95, 0.999)
+    apply_overrides(cfg, ["optim.lr=3e-4", "model.overrides.depth=2", "optim.betas=[0.9, 0.99]", "model.name=x"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.overrides == {"depth": 2} and cfg.optim.betas == (0.9, 0.99)
+    with pytest.raises(ValueError, match="optim.lrr"):
+        apply_overrides(cfg, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="sectionx"):
+        cfg.update({"sectionx": {}})
+    (tmp_path / "c.toml").write_text("[train]\nsteps = 7\n[mask]\nkind = 'cluster'\n")
+    cfg = PretrainConfig()
+    cfg.update(load_config(tmp_path / "c.toml"))
+    assert cfg.train.steps == 7
+    (tmp_path / "bad.toml").write_text("[train]\nstepz = 7\n")
+    assert main(["pretrain", "--model", "ssamba_tiny", "--train", "x.json", "--out", str(tmp_path / "r"),
+                 "--config", str(tmp_path / "bad.toml")]) == 2  # fmt: skip
+
+
+def test_objective_options():
+    torch.manual_seed(0)
+    encoder = create_model("ssast_tiny", embed_dim=32, num_heads=2, depth=1, input_tdim=48)
+    x, mask = torch.randn(2, 48, 128), torch.stack([torch.randperm(23)[:6] + 1 for _ in range(2)])
+    official = MaskedPatchPretraining(encoder).eval()
+    paper = MaskedPatchPretraining(encoder, nce_orientation="paper").eval()
+    paper.load_state_dict(official.state_dict())
+    with torch.no_grad():
+        a, b = official.mpc(x, mask), paper.mpc(x, mask)
+        target = official.encoder.patch_targets(x).gather(1, mask[..., None].expand(-1, -1, 256))  # (B, M, P)
+        total = torch.bmm(target, a.pred.transpose(1, 2))  # rows: true patches, columns: predictions
+        want = -torch.diagonal(torch.log_softmax(total, dim=1), dim1=1, dim2=2).mean()
+        torch.testing.assert_close(b.nce, want)
+        single = official(x, mask, None)
+        torch.testing.assert_close(single.nce, a.nce)  # the same mask and pass for both heads
+        torch.testing.assert_close(single.mse, official.mpg(x, mask).mse)
+    with pytest.raises(ValueError, match="nce_orientation"):
+        MaskedPatchPretraining(encoder, nce_orientation="sideways")
+
+
+def test_pretrain_cli_run(tmp_path):
+    manifest = make_corpus(tmp_path)
+    run = tmp_path / "run"
+    args = ["pretrain", "--model", "ssast_tiny", "--train", str(manifest), "--valid", str(manifest), "--out", str(run),
+            "--steps", "6", "--batch-size", "4", *TINY, "--set", "model.overrides.num_heads=2",
+            "--set", "log.eval_every=3", "--set", "log.ckpt_every=2", "--set", "log.keep_last=2",
+            "--set", "train.grad_accum=2", "--set", "mask.two_pass=false"]  # fmt: skip
+    assert main(args) == 0
+    metrics = read_metrics(run)
+    train = [m for m in metrics if "split" not in m]
+    valid = [m for m in metrics if m.get("split") == "valid"]
+    assert [m["step"] for m in train] == [1, 2, 3, 4, 5, 6] and [m["step"] for m in valid] == [0, 3, 6]
+    assert all(set(m) >= {"loss", "nce", "mse", "acc", "lr", "samples_per_s"} for m in train)
+    assert train[0]["mask_patch"] == 18  # 24 patches of 48 frames -> 400 * 24 // 512
+    assert valid[1]["chance"] == pytest.approx(1 / 18)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    assert json.loads((run / "config.json").read_text())["train"]["grad_accum"] == 2
+    assert MaskedPatchPretraining.from_pretrained(run / "final").encoder.config.depth == 2
+
+
+def test_existing_run_needs_resume(tmp_path):
+    manifest = make_corpus(tmp_path, items=8)
+    cfg = recipe("ssamba_tiny")
+    apply_overrides(cfg, [a for a in TINY if a != "--set"])
+    cfg.data.train, cfg.train.steps, cfg.train.batch_size = str(manifest), 1, 4
+    pretrain(cfg, tmp_path / "run")
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(cfg, tmp_path / "run")
+
+
+def test_non_finite_losses_are_skipped_then_stop(tmp_path):
+    manifest = make_corpus(tmp_path, items=8)
+    cfg = recipe("ssamba_tiny")
+    apply_overrides(cfg, [a for a in TINY if a != "--set"])
+    cfg.data.train, cfg.train.steps, cfg.train.batch_size, cfg.train.max_bad_steps = str(manifest), 5, 4, 3
+    cfg.data.mean = math.nan  # every input NaN -> every loss NaN
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        pretrain(cfg, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["skipped"] for m in metrics] == [True, True, True]
+
+
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    manifest = make_corpus(tmp_path, items=8)
+    run = tmp_path / "run"
+    args = ["pretrain", "--model", "ssamba_tiny", "--train", str(manifest), "--valid", str(manifest), "--out", str(run),
+            "--steps", "2", "--batch-size", "4", *TINY, "--set", "log.tensorboard=true", "--set", "log.eval_every=2"]
+    assert main(args) == 0
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert any("loss" in t for t in tags) and any("acc" in t for t in tags), tags
+    losses = [e.value for t in tags if t.endswith("loss") and "valid" not in t for e in events.Scalars(t)]
+    train = [m["loss"] for m in read_metrics(run) if "split" not in m]
+    assert len(losses) >= len(train) and math.isclose(losses[0], train[0], rel_tol=1e-6)
