@@ -51,7 +51,7 @@ def load_audio(
             data = f.read(dtype="float32", always_2d=True)  # (time, channels)
             # libsndfile shortens a WAV/AIFF whose data chunk runs past the end of the file without an
             # error; its header log then reads "data : 16000 (should be 7978)".
-            header_log = soundfile.info(str(path), verbose=True).extra_info
+            header_log = f.extra_info
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f"{path}: unreadable or corrupt audio ({e})") from e
     if declared == 0 or data.shape[0] == 0:
