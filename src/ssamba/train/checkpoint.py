@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "optimizer_state", "restore_optimizer", "save_checkpoint"]
+__all__ = [
+    "latest_checkpoint",
+    "load_checkpoint",
+    "optimizer_state",
+    "restore_optimizer",
+    "restore_rng",
+    "rng_state",
+    "save_checkpoint",
+]
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -88,3 +98,29 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         state.setdefault(int(index), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(mask_gen: torch.Generator) -> tuple[dict, dict]:
+    """Every RNG a run draws from (torch, numpy, python, CUDA, and the run's own generator) as
+    (tensors for safetensors, JSON-able meta)."""
+    np_state = np.random.get_state()
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.mask": mask_gen.get_state(),
+               "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}  # fmt: skip
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda{i}"] = s
+    meta = {"python": random.getstate(), "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict, meta: dict, mask_gen: torch.Generator) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    mask_gen.set_state(tensors["rng.mask"])
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"rng.cuda{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda{i}"], i)

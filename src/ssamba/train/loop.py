@@ -26,7 +26,14 @@ from ssamba.data.datasets import AudioDataset
 from ssamba.models import create_model
 from ssamba.pretrain.masking import cluster_patch_mask, frame_mask, mask_count
 from ssamba.pretrain.mspm import MaskedPatchPretraining
-from ssamba.train.checkpoint import latest_checkpoint, load_checkpoint, optimizer_state, restore_optimizer
+from ssamba.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_state,
+    restore_optimizer,
+    restore_rng,
+    rng_state,
+)
 from ssamba.train.checkpoint import save_checkpoint as write_checkpoint
 from ssamba.train.config import PretrainConfig
 from ssamba.train.distributed import ResumableBatchSampler, setup_distributed
@@ -59,30 +66,6 @@ def _draw_masks(n: torch.Tensor, t_cols: torch.Tensor, cfg: PretrainConfig, fram
     m = mask_count(int(n.min()), cfg.mask.mask_patch, cfg.mask.reference_patches)
     mpc = _mask(n, t_cols, m, frame, gen)
     return mpc, (_mask(n, t_cols, m, frame, gen) if cfg.mask.two_pass else None), m
-
-
-def _rng_state(mask_gen: torch.Generator) -> tuple[dict, dict]:
-    np_state = np.random.get_state()
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.mask": mask_gen.get_state(),
-               "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}  # fmt: skip
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda{i}"] = s
-    meta = {"python": random.getstate(), "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-    return tensors, meta
-
-
-def _restore_rng(tensors: dict, meta: dict, mask_gen: torch.Generator) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    mask_gen.set_state(tensors["rng.mask"])
-    name, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            if f"rng.cuda{i}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"rng.cuda{i}"], i)
 
 
 @torch.no_grad()
@@ -188,7 +171,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
-        _restore_rng(tensors, state["rng"], mask_gen)
+        restore_rng(tensors, state["rng"], mask_gen)
         step, bad_in_row, skipped_total = state["step"], state["bad_in_row"], state["skipped_steps"]
         if ddp.main:
             print(f"resumed {run} from {latest.name} (step {step})")
@@ -199,7 +182,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
             return
         tensors = {f"model.{k}": v for k, v in objective.state_dict().items()}
         opt_tensors, opt_meta = optimizer_state(optimizer)
-        rng_tensors, rng_meta = _rng_state(mask_gen)
+        rng_tensors, rng_meta = rng_state(mask_gen)
         state = {"step": step, "optimizer": opt_meta, "plateau": plateau.state_dict(), "scaler": scaler.state_dict(),
                  "sampler": sampler.state_dict(), "rng": rng_meta, "bad_in_row": bad_in_row,
                  "skipped_steps": skipped_total, "config": cfg.to_dict()}  # fmt: skip
