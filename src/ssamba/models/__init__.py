@@ -11,6 +11,7 @@ from ssamba.models.spectrogram import (
     list_models,
     load_pretrained,
     pool_tokens,
+    register_family,
     register_model,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "pool_tokens",
+    "register_family",
     "register_model",
 ]

@@ -221,6 +221,8 @@ class SpectrogramEncoder(nn.Module):
 
     family: ClassVar[str]
     config_class: ClassVar[type[SpectrogramConfig]]
+    # what extract_features takes: normalised fbank (B, T, F) here; waveform models (HuBERT) say "waveform"
+    input_kind: ClassVar[str] = "fbank"
     num_special_tokens: int
 
     def __init__(self, config: SpectrogramConfig):
@@ -531,8 +533,16 @@ class SSASTModel(SpectrogramEncoder):
 FAMILIES: dict[str, type[SpectrogramEncoder]] = {"ssamba": SSAMBAModel, "ssast": SSASTModel}
 
 
+def register_family(model_cls: type) -> type:
+    """Make ``load_pretrained`` know another model family (a class with ``family``, ``config_class`` with
+    ``from_dict``, and ``load_adapted_state_dict(state, source_config)``), e.g. the HuBERT models."""
+    FAMILIES[model_cls.family] = model_cls
+    return model_cls
+
+
 def load_pretrained(directory: str | Path, expect: type | None = None, **overrides: Any) -> SpectrogramEncoder:
-    """Build the model saved in ``directory`` by ``save_pretrained`` (see ``SpectrogramEncoder.from_pretrained``)."""
+    """Build the model saved in ``directory`` by ``save_pretrained`` (see ``SpectrogramEncoder.from_pretrained``);
+    any registered family (``register_family``) loads through here."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
