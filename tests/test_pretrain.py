@@ -113,7 +113,7 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path):
     apply_overrides(cfg, [a for a in TINY if a != "--set"])
     cfg.data.train, cfg.train.steps, cfg.train.batch_size, cfg.train.max_bad_steps = str(manifest), 5, 4, 3
     cfg.data.mean = math.nan  # every input NaN -> every loss NaN
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 skipped steps in a row.*non-finite loss"):
         pretrain(cfg, tmp_path / "run")
     metrics = read_metrics(tmp_path / "run")
     assert [m["skipped"] for m in metrics] == [True, True, True]

@@ -43,7 +43,7 @@ __all__ = ["NonFiniteLossError", "pretrain"]
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row."""
+    """Too many skipped steps (non-finite loss, or no usable item) in a row."""
 
 
 def _patch_counts(lengths: torch.Tensor, cfg: PretrainConfig, encoder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +68,24 @@ def _draw_masks(n: torch.Tensor, t_cols: torch.Tensor, cfg: PretrainConfig, fram
     return mpc, (_mask(n, t_cols, m, frame, gen) if cfg.mask.two_pass else None), m
 
 
+def _skip_step(step: int, bad_in_row: int, skipped_total: int, sampler, optimizer, log, cfg: PretrainConfig,
+               reason: str) -> tuple[int, int, int]:
+    """Consume the batch without an update (non-finite loss, or nothing usable in it); stop after
+    ``train.max_bad_steps`` in a row. Returns the new (step, bad_in_row, skipped_total)."""
+    step += 1
+    sampler.advance()
+    optimizer.zero_grad(set_to_none=True)
+    bad_in_row += 1
+    if log is not None:
+        log.log({"step": step, "skipped": True, "reason": reason})
+    if bad_in_row >= cfg.train.max_bad_steps:
+        raise NonFiniteLossError(
+            f"{bad_in_row} skipped steps in a row (step {step}, last: {reason}); lower optim.lr, set optim.grad_clip,"
+            " or check the data (data.mean / data.std, unreadable files)"
+        )
+    return step, bad_in_row, skipped_total + 1
+
+
 @torch.no_grad()
 def validate(objective: MaskedPatchPretraining, loader, cfg: PretrainConfig, frame: bool, device, autocast) -> dict:
     """Masked-patch accuracy, InfoNCE and MSE on the validation set; masks from a fixed seed, so every
@@ -79,6 +97,8 @@ def validate(objective: MaskedPatchPretraining, loader, cfg: PretrainConfig, fra
     for batch in loader:
         if cfg.log.eval_batches and batches >= cfg.log.eval_batches:
             break
+        if batch["lengths"].numel() == 0:  # every item of the batch left out by data.skip_bad
+            continue
         n, t_cols = _patch_counts(batch["lengths"], cfg, objective.encoder)
         m = mask_count(int(n.min()), cfg.mask.mask_patch, cfg.mask.reference_patches)
         mpc_mask, mpg_mask = _mask(n, t_cols, m, frame, gen), _mask(n, t_cols, m, frame, gen)
@@ -222,43 +242,56 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
                     batches = iter(loader)
                     micro.append(next(batches))
 
-            # masks for the whole global batch (identical in every process). all_gather is rank-major
-            # (W, A, b); the sampler's global order is micro-batch-major (A, W, b): micro-batch a of rank r
-            # holds global rows (a * W + r) * b ... + b.
-            lengths = torch.cat([b["lengths"] for b in micro])  # (A * b,)
-            size = micro[0]["lengths"].shape[0]
-            gathered = ddp.gather(lengths.to(device)).cpu().view(ddp.world, len(micro), size)
-            n, t_cols = _patch_counts(gathered.transpose(0, 1).reshape(-1), cfg, encoder)  # (B,)
+            # masks for the whole global batch (identical in every process). Each process sends its
+            # micro-batches' lengths padded to the nominal size with -1 (items left out by data.skip_bad), so
+            # the gather has equal shapes. all_gather is rank-major (W, A, b); the sampler's global order is
+            # micro-batch-major (A, W, b): micro-batch a of rank r holds global slots (a * W + r) * b ... + b.
+            per_micro = cfg.train.batch_size // (cfg.train.grad_accum * ddp.world)
+            local = torch.full((len(micro), per_micro), -1, dtype=torch.long)  # (A, b)
+            for a, batch in enumerate(micro):
+                local[a, : batch["lengths"].shape[0]] = batch["lengths"]
+            slots = ddp.gather(local.view(-1).to(device)).cpu().view(ddp.world, len(micro), per_micro)
+            slots = slots.transpose(0, 1).reshape(-1)  # (B,) global order, -1 = left out
+            present = slots >= 0
+            total = int(present.sum())  # usable items in the global batch
+            if total == 0:
+                step, bad_in_row, skipped_total = _skip_step(step, bad_in_row, skipped_total, sampler, optimizer,
+                                                             log, cfg, "no usable items in the batch")
+                continue
+            n, t_cols = _patch_counts(slots[present], cfg, encoder)  # (B_usable,)
             mpc_all, mpg_all, m = _draw_masks(n, t_cols, cfg, frame, mask_gen)
 
             sums = torch.zeros(4, dtype=torch.float64)  # loss, nce, mse, acc
             for a, batch in enumerate(micro):
-                rows = slice((a * ddp.world + ddp.rank) * size, (a * ddp.world + ddp.rank + 1) * size)
-                x = batch["features"].to(device, non_blocking=True)  # (b, T, F)
-                item_lengths = batch["lengths"].to(device) if cfg.data.use_lengths else None
+                start = (a * ddp.world + ddp.rank) * per_micro
+                offset, k = int(present[:start].sum()), batch["lengths"].shape[0]
+                rows = slice(offset, offset + k)
                 sync = a == len(micro) - 1 or not ddp.enabled
+                if k == 0 and not sync:
+                    continue
+                if k == 0:  # every item left out, but DDP needs this process's gradients: a zero-weight pass
+                    x = torch.zeros(1, cfg.data.target_length, encoder.config.input_fdim, device=device)
+                    item_lengths = torch.full((1,), cfg.data.target_length, device=device)
+                    mpc, mpg = torch.arange(m)[None], None if mpg_all is None else torch.arange(m)[None]
+                else:
+                    x = batch["features"].to(device, non_blocking=True)  # (b, T, F)
+                    item_lengths = batch["lengths"].to(device)
+                    mpc, mpg = mpc_all[rows], None if mpg_all is None else mpg_all[rows]
+                # each item weighs 1 / total in the step's loss; DDP averages gradients over the W processes
+                weight = k * ddp.world / total
                 with model.no_sync() if not sync else contextlib.nullcontext(), autocast():
-                    out = model(x, mpc_all[rows], None if mpg_all is None else mpg_all[rows], item_lengths,
-                                cfg.mask.mpg_weight)
-                scaler.scale(out.loss / len(micro)).backward()
-                sums += torch.stack([out.loss, out.nce, out.mse, out.acc]).detach().double().cpu() / len(micro)
+                    out = model(x, mpc, mpg, item_lengths if cfg.data.use_lengths else None, cfg.mask.mpg_weight)
+                scaler.scale(out.loss * weight).backward()
+                sums += torch.stack([out.loss, out.nce, out.mse, out.acc]).detach().double().cpu() * weight
             sums = ddp.mean(sums.to(device)).cpu()
             loss, nce, mse, acc = sums.tolist()
 
+            if not math.isfinite(loss):
+                step, bad_in_row, skipped_total = _skip_step(step, bad_in_row, skipped_total, sampler, optimizer,
+                                                             log, cfg, f"non-finite loss {loss}")
+                continue
             step += 1
             sampler.advance()
-            if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                bad_in_row += 1
-                skipped_total += 1
-                if log is not None:
-                    log.log({"step": step, "skipped": True, "loss": str(loss)})
-                if bad_in_row >= cfg.train.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{bad_in_row} non-finite losses in a row (step {step}); lower optim.lr, set optim.grad_clip,"
-                        " or check the data (data.mean / data.std)"
-                    )
-                continue
             bad_in_row = 0
             if o.grad_clip > 0:
                 scaler.unscale_(optimizer)
