@@ -1,0 +1,247 @@
+"""Fine-tuning and evaluation: recipes/config, the weighted-sum probe, a few steps lowering the loss, resume
+exactness, --init sources, the CLI end to end, k folds."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssamba.audio import save_audio
+from ssamba.cli import main
+from ssamba.data.manifest import Example, LabelSet, write_manifest
+from ssamba.models import create_model, load_pretrained
+from ssamba.tasks.finetune import (
+    WeightedSumProbe,
+    build_classifier,
+    evaluate,
+    finetune,
+    load_classifier,
+    resolve_init,
+)
+from ssamba.tasks.recipes import FinetuneConfig, task_recipe
+from ssamba.train.config import apply_overrides
+
+SSAST = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+SSAMBA = {"embed_dim": 32, "depth": 2}
+
+
+def make_task(folder, per_class=8, seconds=0.5, folds=False):
+    """Two classes: low vs high sines with noise. Returns (train, valid, labels) paths."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(16000 * seconds)) / 16000
+    LabelSet(["low", "high"], ["Low", "High"]).to_csv(folder / "labels.csv")
+    splits = {}
+    for split, n in (("train", per_class), ("valid", per_class // 2)):
+        examples = []
+        for i in range(2 * n):
+            label = ("low", "high")[i % 2]
+            f = (150 if label == "low" else 3000) * (1 + 0.1 * rng.random())
+            wave = 0.3 * np.sin(2 * np.pi * f * t) + 0.02 * rng.standard_normal(t.shape)
+            path = folder / f"{split}{i}.wav"
+            save_audio(path, wave.astype(np.float32))
+            examples.append(Example(path=path, labels=(label,), extra={"fold": i % 2} if folds else {}))
+        write_manifest(folder / f"{split}.json", examples)
+        splits[split] = folder / f"{split}.json"
+    return splits["train"], splits["valid"], folder / "labels.csv"
+
+
+def tiny_cfg(train, valid, labels, model_name="ssast_tiny", mode="finetune", steps=6, **sections) -> FinetuneConfig:
+    cfg = task_recipe("sounds", model_name)
+    cfg.data.train, cfg.data.valid, cfg.data.test, cfg.data.labels = str(train), str(valid), str(valid), str(labels)
+    cfg.data.target_length = 48
+    cfg.model.overrides = dict(SSAST if model_name.startswith("ssast") else SSAMBA)
+    cfg.model.fstride = cfg.model.tstride = 0
+    cfg.task.mode = mode
+    cfg.train.steps, cfg.train.batch_size = steps, 8
+    cfg.optim.lr, cfg.optim.head_lr = 1e-3, 1.0
+    cfg.augment.freqm = cfg.augment.timem = 0
+    cfg.augment.noise = False
+    cfg.log.progress = cfg.log.tensorboard = False
+    cfg.log.eval_every = steps
+    for section, values in sections.items():
+        cfg.update({section: values})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_task(tmp_path_factory.mktemp("task"))
+
+
+def test_recipes_and_config_errors():
+    kws = task_recipe("kws", "ssamba_tiny")
+    assert (kws.optim.lr, kws.augment.freqm, kws.augment.timem, kws.augment.mixup) == (2.5e-4, 48, 48, 0.6)
+    assert (kws.model.fstride, kws.train.batch_size, kws.task.loss) == (10, 128, "bce")
+    esc = task_recipe("esc")
+    assert (esc.optim.lr, esc.augment.timem, esc.augment.mixup, esc.data.folds) == (1e-4, 96, 0.0, 5)
+    aset = task_recipe("audioset")
+    assert aset.task.multilabel and aset.task.metric == "mAP" and (aset.optim.wa_start, aset.optim.wa_end) == (6, 25)
+    with pytest.raises(ValueError, match="unknown task"):
+        task_recipe("asr")
+    with pytest.raises(ValueError, match="optim.lrr"):
+        apply_overrides(kws, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="task.mode"):
+        apply_overrides(kws, ["task.mode=freeze"])
+    apply_overrides(kws, ["model.overrides.depth=2", "augment.mixup=0.1"])
+    assert kws.model.overrides == {"depth": 2} and kws.augment.mixup == 0.1
+    assert FinetuneConfig.from_dict(kws.to_dict()).to_dict() == kws.to_dict()
+
+
+def test_probe_trains_only_layer_weights_and_head(task, tmp_path):
+    train, valid, labels = task
+    encoder = create_model("ssamba_tiny", input_tdim=48, **SSAMBA)
+    encoder.save_pretrained(tmp_path / "enc")
+    cfg = tiny_cfg(train, valid, labels, "ssamba_tiny", mode="probe", steps=4)
+    cfg.model.init = str(tmp_path / "enc")
+    cfg.optim.lr = 5e-2
+    probe = build_classifier(cfg, 2)
+    assert isinstance(probe, WeightedSumProbe)
+    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {"layer_logits", "head.weight", "head.bias"}
+    assert probe.layer_logits.shape == (1,)  # SSAMBA depth 2 = one forward/backward pair
+    # cached path == direct path, and padding-invariant
+    x = torch.randn(3, 48, 128)
+    lengths = torch.tensor([48, 40, 32])
+    probe.train()  # the encoder stays in eval mode
+    assert not probe.encoder.training
+    pooled = probe.pooled_layers(x, lengths)
+    torch.testing.assert_close(probe(x, lengths), probe.forward_pooled(pooled))
+    torch.testing.assert_close(pooled[2:], probe.pooled_layers(x[2:, :32], None), atol=1e-5, rtol=1e-5)
+
+    for cached in (True, False):
+        cfg.train.cache_probe_features = cached
+        run = tmp_path / f"run_{cached}"
+        out = finetune(cfg, run, log=lambda m: None)
+        assert out["mode"] == "probe" and len(out["layer_weights"]) == 1
+        model, meta = load_classifier(run)
+        assert meta["mode"] == "probe"
+        saved = load_file(str(run / "best" / "model.safetensors"))
+        for k, v in encoder.state_dict().items():  # the encoder never moved
+            torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
+        head = load_file(str(run / "best" / "probe.safetensors"))
+        assert set(head) == {"layer_logits", "head.weight", "head.bias"}
+        results = out
+        if cached:
+            first = results
+    assert first["valid"] == results["valid"]  # cached and uncached probes are the same computation
+
+
+def full_loss(model, train, labels):
+    from ssamba.data import AudioDataset
+
+    ds = AudioDataset(train, LabelSet.from_csv(labels), target_length=48)
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        logits = model.eval()(batch["features"], batch["lengths"])
+    return float(-(batch["labels"] * torch.log_softmax(logits, -1)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("model_name", ["ssast_tiny", "ssamba_tiny"])
+def test_a_few_steps_lower_the_loss(task, tmp_path, model_name):
+    train, valid, labels = task
+    torch.manual_seed(0)
+    overrides = SSAST if model_name.startswith("ssast") else SSAMBA
+    encoder = create_model(model_name, input_tdim=48, num_classes=2, **overrides)
+    encoder.save_pretrained(tmp_path / "enc")
+    before = full_loss(load_pretrained(tmp_path / "enc"), train, labels)
+    cfg = tiny_cfg(train, valid, labels, model_name, steps=8)
+    cfg.model.init = str(tmp_path / "enc")
+    out = finetune(cfg, tmp_path / "run", log=lambda m: None)
+    model, _ = load_classifier(tmp_path / "run")
+    after = full_loss(model, train, labels)
+    assert after < before - 0.05, (before, after)
+    assert out["steps"] == 8 and out["best_step"] == 8 and out["task"] == "sounds" and out["metric"] == "acc"
+    for name in ("metrics.json", "results.md", "confusion.png", "confusion.json", "metrics.jsonl"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["valid"] == out["valid"]
+
+
+def test_resume_is_exact(task, tmp_path):
+    train, valid, labels = task
+    sections = {"augment": {"mixup": 0.5, "freqm": 8, "timem": 8, "noise": True},
+                "model": {"overrides": {**SSAST, "drop_path_rate": 0.2}},
+                "log": {"ckpt_every": 3, "log_every": 1, "eval_every": 2}}  # fmt: skip
+    straight = tiny_cfg(train, valid, labels, steps=6, **sections)
+    finetune(straight, tmp_path / "a", log=lambda m: None)
+    part = tiny_cfg(train, valid, labels, steps=3, **sections)
+    finetune(part, tmp_path / "b", log=lambda m: None)
+    with pytest.raises(FileExistsError, match="--resume"):
+        finetune(part, tmp_path / "b", log=lambda m: None)
+    finetune(straight, tmp_path / "b", resume=True, log=lambda m: None)
+
+    def losses(run):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m["loss"]) for m in lines if "split" not in m]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000006" / "tensors.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000006" / "tensors.safetensors"))
+    for k in a:
+        if k.startswith("model."):
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_init_sources_and_grid_change(task, tmp_path):
+    from ssamba.train.config import recipe
+    from ssamba.train.loop import pretrain
+
+    train, valid, labels = task
+    pcfg = recipe("ssast_tiny")
+    apply_overrides(pcfg, ["model.overrides.embed_dim=32", "model.overrides.depth=2", "model.overrides.num_heads=2",
+                           "data.target_length=48", "data.num_workers=0", "log.progress=false",
+                           "log.tensorboard=false", "data.mean=-5.0", "data.std=3.0"])  # fmt: skip
+    pcfg.data.train, pcfg.train.steps, pcfg.train.batch_size = str(train), 2, 4
+    pretrain(pcfg, tmp_path / "pt")
+    final = load_pretrained(tmp_path / "pt" / "final")
+    step_dir = tmp_path / "pt" / "checkpoints" / "step_00000002"
+    kinds = [resolve_init(p).kind for p in (tmp_path / "pt", tmp_path / "pt" / "final", step_dir)]
+    assert kinds == ["folder", "folder", "checkpoint"]
+    assert resolve_init(tmp_path / "pt").norm == (-5.0, 3.0)
+    assert resolve_init("none").kind == "none"
+    with pytest.raises(FileNotFoundError, match="--init"):
+        resolve_init(tmp_path)
+    cfg = tiny_cfg(train, valid, labels)
+    cfg.data.target_length, cfg.model.tstride = 64, 8  # another grid: position embedding converted
+    for source in (tmp_path / "pt", step_dir):
+        cfg.model.init = str(source)
+        model = build_classifier(cfg, 2)
+        assert model.config.input_tdim == 64 and model.config.tstride == 8 and model.head is not None
+        torch.testing.assert_close(model.blocks[1].attn.qkv.weight, final.blocks[1].attn.qkv.weight)
+    cfg.model.name = "ssamba_tiny"
+    with pytest.raises(ValueError, match="ssast encoder"):
+        build_classifier(cfg, 2)
+
+
+def test_cli_finetune_then_evaluate(task, tmp_path, capsys):
+    train, valid, labels = task
+    run = tmp_path / "run"
+    args = ["finetune", "--model", "ssast_tiny", "--init", "none", "--task", "sounds", "--train", str(train),
+            "--valid", str(valid), "--test", str(valid), "--labels", str(labels), "--out", str(run), "--steps", "2",
+            "--batch-size", "8", "--set", "data.target_length=48", "--set", "model.overrides.embed_dim=32",
+            "--set", "model.overrides.depth=1", "--set", "model.overrides.num_heads=2", "--set", "model.tstride=0",
+            "--set", "model.fstride=0", "--set", "log.progress=false", "--set", "log.tensorboard=false"]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) >= {"task", "metric", "valid", "test"}
+    capsys.readouterr()
+    assert main(["evaluate", "--ckpt", str(run), "--test", str(valid), "--labels", str(labels), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["value"] == pytest.approx(metrics["test"]) and result["items"] == 8
+    assert evaluate(run / "best", valid)["acc"] == pytest.approx(metrics["test"])
+    assert main([*args[:-4], "--set", "optim.lrr=1"]) == 2  # unknown key: one line, exit 2
+    assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_kfold(tmp_path):
+    train, valid, labels = make_task(tmp_path, per_class=4, folds=True)
+    cfg = tiny_cfg(train, valid, labels, steps=1)
+    cfg.model.overrides = {**SSAST, "depth": 1}
+    cfg.data.folds = 2
+    out = finetune(cfg, tmp_path / "run", log=lambda m: None)
+    assert [f["fold"] for f in out["folds"]] == [1, 2]
+    assert out["test"] == pytest.approx(np.mean([f["test"] for f in out["folds"]]))
+    assert (tmp_path / "run" / "fold_2" / "metrics.json").exists() and (tmp_path / "run" / "results.md").exists()
+    cfg.data.folds = 3
+    with pytest.raises(ValueError, match="2 distinct 'fold' values"):
+        finetune(cfg, tmp_path / "run3", log=lambda m: None)
