@@ -98,6 +98,82 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    from ssamba.tasks.finetune import finetune
+    from ssamba.tasks.recipes import task_recipe
+    from ssamba.train.config import apply_overrides, load_config
+
+    try:
+        cfg = task_recipe(args.task, args.model)
+        if args.config is not None:
+            cfg.update(load_config(args.config), source=str(args.config))
+        apply_overrides(cfg, args.set)
+        cfg.model.name, cfg.model.init = args.model, args.init
+        d = cfg.data
+        d.train, d.valid, d.labels = str(args.train), str(args.valid), str(args.labels)
+        if args.test is not None:
+            d.test = str(args.test)
+        if args.linear_probe:
+            cfg.task.mode = "probe"
+        if args.epochs is not None:
+            cfg.train.epochs, cfg.train.steps = args.epochs, 0
+        if args.steps is not None:
+            cfg.train.steps = args.steps
+        if args.batch_size is not None:
+            cfg.train.batch_size = args.batch_size
+        cfg.validate()
+        result = finetune(cfg, args.out, resume=args.resume)
+    except ValueError as e:  # a bad config key or value: one line naming it
+        print(f"ssamba finetune: error: {e}", file=sys.stderr)
+        return 2
+    if result.get("interrupted"):
+        print(f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved, continue with --resume")
+        return 130 if result["interrupted"] == "SIGINT" else 143
+    test = "n/a" if result["test"] is None else f"{result['test']:.4f}"
+    print(f"{result['task']} {result['mode']}: valid {result['metric']} {result['valid']:.4f}, test {test}; "
+          f"{Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from ssamba.tasks.finetune import evaluate
+
+    try:
+        result = evaluate(args.ckpt, args.test, args.labels, batch_size=args.batch_size, skip_bad=args.skip_bad)
+    except ValueError as e:
+        print(f"ssamba evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        from ssamba.tasks.metrics import markdown_table
+
+        keys = [k for k in ("acc", "mAP", "auc", "d_prime") if k in result]
+        print(markdown_table([{"items": result["items"], **result}], ["items", *keys]), end="")
+    return 0
+
+
+def _finetune_compare(args) -> int:
+    from ssamba.tasks.compare import CompareBudget, compare
+
+    inits = {}
+    for pair in args.init:
+        name, sep, path = pair.partition("=")
+        if not sep:
+            print(f"ssamba finetune-compare: error: --init expects MODEL=RUN, got {pair!r}", file=sys.stderr)
+            return 2
+        inits[name] = path
+    budget = CompareBudget(finetune_steps=args.finetune_steps, probe_epochs=args.probe_epochs,
+                           batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    try:
+        compare(args.manifests, args.out, inits, tasks=args.tasks, modes=args.modes, budget=budget)
+    except ValueError as e:
+        print(f"ssamba finetune-compare: error: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "compare.md").read_text(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssamba", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ssamba {ssamba.__version__}")
@@ -164,6 +240,52 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable files")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_data_stats)
+
+    ft = commands.add_parser("finetune", help="fine-tune or linear-probe an encoder on a downstream task "
+                                              "(official recipes as presets; resumable)")
+    ft.add_argument("--model", required=True, help="registry name, e.g. ssamba_tiny or ssast_tiny")
+    ft.add_argument("--init", default="none",
+                    help="pretraining run (RUN/final), save_pretrained folder, checkpoint step folder, or none")
+    ft.add_argument("--task", required=True, choices=["kws", "kws12", "sid", "sounds", "audioset", "esc", "er"],
+                    help="recipe preset (see ssamba.tasks.recipes)")
+    ft.add_argument("--train", type=Path, required=True)
+    ft.add_argument("--valid", type=Path, required=True, help="selects the best checkpoint")
+    ft.add_argument("--test", type=Path, default=None)
+    ft.add_argument("--labels", type=Path, required=True, help="class_labels_indices.csv (index,mid,display_name)")
+    ft.add_argument("--out", type=Path, required=True, help="run folder: metrics.json, best/, checkpoints/, ...")
+    ft.add_argument("--linear-probe", action="store_true",
+                    help="frozen encoder, learnable weighted sum of layers + linear (task.mode=probe)")
+    ft.add_argument("--epochs", type=int, default=None)
+    ft.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    ft.add_argument("--batch-size", type=int, default=None)
+    ft.add_argument("--config", type=Path, default=None, help="TOML (or a run's config.json) with config sections")
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config key, e.g. --set optim.lr=1e-4 --set augment.mixup=0")
+    ft.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    ft.set_defaults(func=_finetune)
+
+    ev = commands.add_parser("evaluate", help="score a fine-tuned model (RUN2 or RUN2/best) on a manifest")
+    ev.add_argument("--ckpt", type=Path, required=True)
+    ev.add_argument("--test", type=Path, required=True)
+    ev.add_argument("--labels", type=Path, default=None, help="must match the run's labels (checked)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable files")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_evaluate)
+
+    fc = commands.add_parser("finetune-compare", help="pretrained vs scratch, probe vs fine-tune, on the demo "
+                                                      "corpus tasks, under one small budget; prints the table")
+    fc.add_argument("--manifests", type=Path, required=True, help="the demo corpus's manifests folder")
+    fc.add_argument("--init", action="append", required=True, metavar="MODEL=RUN",
+                    help="e.g. --init ssamba_tiny=runs/pt_ssamba --init ssast_tiny=runs/pt_ssast")
+    fc.add_argument("--out", type=Path, required=True, help="folder of the runs and compare.md (reused when rerun)")
+    fc.add_argument("--tasks", nargs="+", default=["kws", "sid", "sounds"], choices=["kws", "sid", "sounds"])
+    fc.add_argument("--modes", nargs="+", default=["probe", "finetune"], choices=["probe", "finetune"])
+    fc.add_argument("--finetune-steps", type=int, default=12)
+    fc.add_argument("--probe-epochs", type=int, default=30)
+    fc.add_argument("--batch-size", type=int, default=16)
+    fc.add_argument("--seed", type=int, default=0)
+    fc.set_defaults(func=_finetune_compare)
     return parser
 
 
