@@ -63,7 +63,8 @@ def _bench_scan(args) -> int:
 def _demo(args) -> int:
     from ssamba.demo import run_demo
 
-    report = run_demo(args.out, seed=args.seed, scale=args.scale, conformance=args.conformance)
+    report = run_demo(args.out, seed=args.seed, scale=args.scale, conformance=args.conformance,
+                      budget_minutes=args.budget_minutes)
     print(f"report: {report}")
     return 0
 
@@ -95,6 +96,75 @@ def _pretrain(args) -> int:
         return 130 if result["interrupted"] == "SIGINT" else 143
     if result["final"]:
         print(f"pretrained model (encoder + MSPM heads): {result['final']}")
+    return 0
+
+
+def _hubert_labels(args) -> int:
+    from ssamba.pretrain.kmeans import make_labels
+
+    refs = dict(pair.split("=", 1) for pair in args.ref_labels)
+    meta = make_labels(args.train, args.apply or [], args.out, k=args.k, model_dir=args.model, layer=args.layer,
+                       max_fit_frames=args.max_frames, seed=args.seed, ref_labels=refs, progress=not args.json)
+    if args.json:
+        print(json.dumps(meta, indent=1))
+        return 0
+    print(f"k-means K={meta['k']} on {meta['source']} features at {meta['label_rate']:g} Hz, fitted on "
+          f"{meta['fit_frames']} frames of {args.train}; labels in {args.out}")
+    for stem, e in meta["splits"].items():
+        extra = "".join(f"  {k} {e[k]:.3f}" for k in ("cluster_purity", "ref_purity", "pnmi") if k in e)
+        print(f"  {stem:24s} {e['utterances']} utts  {e['frames']} frames  {e['clusters_used']} clusters used  "
+              f"inertia {e['inertia']:.2f}{extra}")
+    return 0
+
+
+def _hubert_config(cls, args):
+    from ssamba.train.config import load_config
+
+    cfg = cls()
+    if args.config is not None:
+        cfg.update(load_config(args.config), source=str(args.config))
+    cfg.model.encoder = args.encoder or cfg.model.encoder
+    cfg.model.size = args.size or cfg.model.size
+    cfg.data.train, cfg.data.valid = str(args.train), str(args.valid or "")
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if args.batch_size is not None:
+        cfg.train.batch_size = args.batch_size
+    cfg.set(args.set)
+    return cfg
+
+
+def _hubert_run(args) -> int:
+    from ssamba.train import hubert as H
+
+    try:
+        if args.hubert_command == "pretrain":
+            cfg = _hubert_config(H.HuBERTPretrainConfig, args)
+            cfg.data.labels = str(args.labels)
+        else:
+            cfg = _hubert_config(H.CTCConfig if args.hubert_command == "finetune" else H.ReconstructConfig, args)
+            cfg.finetune.init = str(args.init)
+            cfg.test = str(args.test or "")
+            if args.layer is not None:
+                cfg.head.layer = args.layer
+            if args.hubert_command == "finetune" and args.conformer_layers is not None:
+                cfg.head.conformer_layers = args.conformer_layers
+            if args.hubert_command == "reconstruct" and args.noise_snr_db is not None:
+                cfg.recon.noise_snr_db = args.noise_snr_db
+        cfg.validate()
+    except ValueError as e:
+        print(f"ssamba hubert {args.hubert_command}: error: {e}", file=sys.stderr)
+        return 2
+    fn = {"pretrain": H.pretrain_hubert, "finetune": H.finetune_ctc, "reconstruct": H.reconstruct}[args.hubert_command]
+    result = fn(cfg, args.out, resume=args.resume)
+    if result["interrupted"]:
+        print(f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved, continue with --resume")
+        return 130 if result["interrupted"] == "SIGINT" else 143
+    if args.hubert_command == "pretrain":
+        print(f"pretrained model: {result.get('final')}  last validation: {json.dumps(result['valid'])}")
+    else:
+        keys = ("task", "valid", "valid_wer", "test", "test_wer", "test_examples")
+        print(json.dumps({k: result[k] for k in keys if k in result}, indent=1))
     return 0
 
 
@@ -184,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (reused when rerun)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--scale", default="small", choices=["small", "medium"])
+    demo.add_argument("--budget-minutes", type=float, default=20,
+                      help="CPU time the stages are sized for (default 20, for 2 cores); under 10 the models shrink")
     demo.add_argument("--conformance", type=Path, default=None,
                       help="official-code fixture folder (default: shared/conformance beside the checkout)")
     demo.set_defaults(func=_demo)
@@ -240,6 +312,49 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable files")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_data_stats)
+    hub = commands.add_parser("hubert", help="Mamba-HuBERT: k-means targets, masked prediction pretraining, "
+                                             "CTC fine-tuning, reconstruction probe")
+    hub_commands = hub.add_subparsers(dest="hubert_command", required=True, metavar="COMMAND")
+    lab = hub_commands.add_parser("labels", help="fit mini-batch k-means once on the training frames, label "
+                                                 "train and every --apply manifest with it")
+    lab.add_argument("--train", type=Path, required=True, help="manifest the k-means model is fitted on")
+    lab.add_argument("--apply", type=Path, action="append", help="further manifests labelled with the same model")
+    lab.add_argument("--out", type=Path, required=True, help="label folder: labels.json, kmeans.safetensors, *.km")
+    lab.add_argument("--k", type=int, default=100, help="clusters (HuBERT: 100 iteration 1, 500 iteration 2)")
+    lab.add_argument("--model", default=None, help="iteration 2: a pretrained HuBERT folder; default MFCC features")
+    lab.add_argument("--layer", type=int, default=None, help="iteration 2: 1-based layer whose features are clustered")
+    lab.add_argument("--max-frames", type=int, default=200000, help="frames sampled to fit k-means")
+    lab.add_argument("--seed", type=int, default=0)
+    lab.add_argument("--ref-labels", action="append", default=[], metavar="STEM=FILE.km",
+                     help="frame-aligned reference classes of a manifest (same format): purity / PNMI report")
+    lab.add_argument("--json", action="store_true")
+    lab.set_defaults(func=_hubert_labels)
+    for name, text in (("pretrain", "HuBERT masked prediction pretraining (resumable; DDP under torchrun)"),
+                       ("finetune", "CTC fine-tuning over characters: CER / WER"),
+                       ("reconstruct", "fbank reconstruction / denoising probe of one layer: MSE, R^2")):
+        sub = hub_commands.add_parser(name, help=text)
+        sub.add_argument("--train", type=Path, required=True)
+        sub.add_argument("--valid", type=Path, default=None)
+        sub.add_argument("--out", type=Path, required=True, help="run folder: config.json, checkpoints/, metrics")
+        sub.add_argument("--encoder", default=None, choices=["transformer", "extbimamba", "innbimamba", "conbimamba"])
+        sub.add_argument("--size", default=None, help="preset: base, small (default), tiny")
+        sub.add_argument("--steps", type=int, default=None)
+        sub.add_argument("--batch-size", type=int, default=None)
+        sub.add_argument("--config", type=Path, default=None, help="TOML (or a run's config.json)")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set optim.lr=1e-3 --set model.overrides.depth=2")
+        sub.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        if name == "pretrain":
+            sub.add_argument("--labels", type=Path, required=True, help="label folder from `ssamba hubert labels`")
+        else:
+            sub.add_argument("--init", default="none", help="pretrained HuBERT folder (RUN/final) or none")
+            sub.add_argument("--test", type=Path, default=None)
+            sub.add_argument("--layer", type=int, default=None, help="1-based encoder layer (default: last, normed)")
+        if name == "finetune":
+            sub.add_argument("--conformer-layers", type=int, default=None, help="Conformer downstream blocks")
+        if name == "reconstruct":
+            sub.add_argument("--noise-snr-db", type=float, default=None, help="denoising: white noise at this SNR")
+        sub.set_defaults(func=_hubert_run)
 
     ft = commands.add_parser("finetune", help="fine-tune or linear-probe an encoder on a downstream task "
                                               "(official recipes as presets; resumable)")
