@@ -28,7 +28,7 @@ def test_shapes_rate_and_padding_invariance(name, kw, layers):
     assert len(hs) == layers and out["lengths"].tolist() == want
     assert all(h.shape == (3, max(want), 32) for h in hs)
     torch.testing.assert_close(out["last_hidden_state"], hs[-1])
-    for b, (w, n) in enumerate(zip(wavs, want, strict=True)):
+    for b, n in enumerate(want):
         for layer in range(layers):
             got, ref = hs[layer][b, :n], alone[b]["hidden_states"][layer][0]
             assert ref.shape == (n, 32)
@@ -49,3 +49,31 @@ def test_loads_folders_and_rejects_bad_input(tmp_path):
         up([torch.randn(2, 16000)])
     with pytest.raises(ValueError, match="exactly one"):
         UpstreamExpert()
+
+
+def test_embed_pooled_and_tokens(tmp_path):
+    import json
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from ssamba.audio import save_audio
+    from ssamba.cli import main
+
+    model = create_model("ssamba_tiny", input_tdim=64, embed_dim=32, depth=2)
+    model.save_pretrained(tmp_path / "m")
+    files = []
+    for i, n in enumerate((8000, 6000)):
+        files.append(tmp_path / f"c{i}.wav")
+        save_audio(files[-1], (0.1 * np.random.default_rng(i).standard_normal(n)).astype(np.float32))
+    assert main(["embed", "--model", str(tmp_path / "m"), *map(str, files), "--out", str(tmp_path / "e.npy")]) == 0
+    pooled = np.load(tmp_path / "e.npy")
+    summary = json.loads((tmp_path / "e.json").read_text())
+    assert pooled.shape == (2, 2, 32) and summary["layers"] == 2 and summary["files"] == list(map(str, files))
+    assert main(["embed", "--model", str(tmp_path / "m"), *map(str, files), "--out", str(tmp_path / "t"),
+                 "--pool", "none", "--format", "safetensors"]) == 0  # fmt: skip
+    tokens = load_file(str(tmp_path / "t.safetensors"))
+    frames = 1 + (6000 - 400) // 160
+    assert tokens["clip1"].shape == (2, 1 + 8 * ((frames - 16) // 16 + 1), 32)
+    # pooled = mean of the valid patch tokens (special token excluded)
+    np.testing.assert_allclose(pooled[1], tokens["clip1"][:, 1:].mean(1).numpy(), atol=1e-5)

@@ -244,6 +244,21 @@ def _finetune_compare(args) -> int:
     return 0
 
 
+def _embed(args) -> int:
+    from ssamba.tasks.embed import embed
+
+    try:
+        summary = embed(args.model, args.inputs, args.out, pool=args.pool, fmt=args.format,
+                        batch_size=args.batch_size, skip_bad=args.skip_bad)  # fmt: skip
+    except ValueError as e:
+        print(f"ssamba embed: error: {e}", file=sys.stderr)
+        return 2
+    cut = summary["cut_to_input_tdim"]
+    print(f"{len(summary['files'])} clips x {summary['layers']} layers x {summary['width']} -> {args.out} "
+          f"(+ .json)" + (f"; {cut} cut to input_tdim" if cut else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssamba", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ssamba {ssamba.__version__}")
@@ -401,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--batch-size", type=int, default=16)
     fc.add_argument("--seed", type=int, default=0)
     fc.set_defaults(func=_finetune_compare)
+
+    em = commands.add_parser("embed", help="per-layer representations of audio files (.npy / .safetensors)")
+    em.add_argument("inputs", nargs="+", help="a manifest, or audio files")
+    em.add_argument("--model", required=True, help="save_pretrained folder, pretraining run, or fine-tuning run")
+    em.add_argument("--out", type=Path, required=True, help="output file (suffix set by --format) + OUT.json")
+    em.add_argument("--pool", default="mean", choices=["mean", "none"],
+                    help="mean over each clip's patch tokens (N, L+1, C), or all tokens per clip")
+    em.add_argument("--format", default="npy", choices=["npy", "safetensors"])
+    em.add_argument("--batch-size", type=int, default=16)
+    em.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable files")
+    em.set_defaults(func=_embed)
     return parser
 
 
