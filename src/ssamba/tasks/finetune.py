@@ -349,15 +349,37 @@ def _predict(model: nn.Module, loader, device) -> tuple[np.ndarray, np.ndarray]:
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
 
 
+_POOLED_MEMO: dict = {}
+
+
+def _fingerprint(module: nn.Module) -> tuple:
+    """Identifies an encoder's weights (float64 sums and shapes of every tensor) for the pooled-vector memo."""
+    with torch.no_grad():
+        return tuple((k, tuple(v.shape), float(v.double().sum()), float(v.double().abs().sum()))
+                     for k, v in module.state_dict().items())  # fmt: skip
+
+
 @torch.no_grad()
-def _cache_pooled(probe: WeightedSumProbe, loader, device) -> tuple[Tensor, Tensor]:
-    """Per-layer pooled vectors (N, L, C) and targets (N, Q) of a whole split."""
+def _cache_pooled(probe: WeightedSumProbe, ds: AudioDataset, loader, device) -> tuple[Tensor, Tensor]:
+    """Per-layer pooled vectors (N, L, C) and targets (N, Q) of a whole split. With a MemoDataset the vectors
+    are also kept per (encoder weights, file, input), so probes of one encoder over tasks that share audio
+    (keywords / speakers) run the encoder once per clip."""
+    memo = isinstance(ds, MemoDataset)
+    tag = (_fingerprint(probe.encoder), ds.target_length, ds.mean, ds.std) if memo else None
+    keys = [(tag, str(e.path)) for e in ds.examples] if memo else []
+    if memo and all(k in _POOLED_MEMO for k in keys):
+        targets = torch.stack([ds.labels.encode(e.labels) for e in ds.examples])
+        return torch.stack([_POOLED_MEMO[k] for k in keys]), targets
     pooled, targets = [], []
     for batch in loader:
         if batch["features"].numel() == 0:
             continue
-        pooled.append(probe.pooled_layers(batch["features"].to(device), batch["lengths"].to(device)).cpu())
+        vectors = probe.pooled_layers(batch["features"].to(device), batch["lengths"].to(device)).cpu()
+        pooled.append(vectors)
         targets.append(batch["labels"])
+        if memo:
+            for i, v in zip(batch["indices"].tolist(), vectors, strict=True):
+                _POOLED_MEMO[keys[i]] = v
     return torch.cat(pooled), torch.cat(targets)
 
 
@@ -485,7 +507,7 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
     cache: dict[str, tuple[Tensor, Tensor]] = {}
     if cached:  # one pass of the frozen encoder per split
         tick = time.perf_counter()
-        cache = {name: _cache_pooled(model, _loader(ds, bs, workers), device) for name, ds in datasets.items()}
+        cache = {name: _cache_pooled(model, ds, _loader(ds, bs, workers), device) for name, ds in datasets.items()}
         log(f"probe: cached per-layer vectors of {sum(len(v[0]) for v in cache.values())} clips in "
             f"{time.perf_counter() - tick:.1f} s")  # fmt: skip
     loader = None if cached else _loader(train_set, bs, workers, sampler)
