@@ -245,3 +245,28 @@ def test_kfold(tmp_path):
     cfg.data.folds = 3
     with pytest.raises(ValueError, match="2 distinct 'fold' values"):
         finetune(cfg, tmp_path / "run3", log=lambda m: None)
+
+
+def test_compare_table(tmp_path):
+    from ssamba.tasks.compare import CompareBudget, compare
+
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    train, valid, labels = make_task(tmp_path, per_class=4)
+    for split, src in (("train", train), ("valid", valid), ("test", valid)):
+        (manifests / f"sounds_{split}.json").write_text(src.read_text().replace('"wav": "', '"wav": "../'))
+    (manifests / "sounds_labels.csv").write_text(labels.read_text())
+    encoder = create_model("ssast_tiny", input_tdim=48, embed_dim=32, depth=1, num_heads=2)
+    encoder.save_pretrained(tmp_path / "pt")
+    budget = CompareBudget(finetune_steps=1, probe_epochs=1, batch_size=4, target_length={"sounds": 48})
+    rows = compare(manifests, tmp_path / "cmp", {"ssast_tiny": str(tmp_path / "pt")}, tasks=["sounds"],
+                   budget=budget, log=lambda m: None)  # fmt: skip
+    assert sorted((r["init"], r["mode"]) for r in rows) == [("pretrained", "finetune"), ("pretrained", "probe"),
+                                                            ("scratch", "finetune"), ("scratch", "probe")]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| sounds | ssast_tiny | probe |" in table and "1 steps x 4 clips" in table
+    scratch = json.loads((tmp_path / "cmp" / "sounds" / "ssast_tiny-scratch-finetune" / "config.json").read_text())
+    assert scratch["model"]["init"] == "none" and scratch["model"]["overrides"]["depth"] == 1
+    again = compare(manifests, tmp_path / "cmp", {"ssast_tiny": str(tmp_path / "pt")}, tasks=["sounds"],
+                    budget=budget, log=lambda m: None)  # fmt: skip
+    assert [r["seconds"] for r in again] == [r["seconds"] for r in rows]  # finished cells are reused

@@ -82,10 +82,12 @@ def _cell_config(task: str, model: str, init: str, mode: str, manifests: Path, b
 def _scratch_overrides(init_path: str) -> tuple[dict, InitSource]:
     """The pretrained encoder's architecture, so the scratch cell differs only in its initialisation."""
     src = resolve_init(init_path)
-    if src.kind != "folder":
-        raise ValueError(f"{init_path}: the comparison needs a pretraining run or a save_pretrained folder")
-    config = json.loads((src.path / "config.json").read_text())["config"]
+    if src.kind == "none":
+        raise ValueError("the comparison needs pretrained encoders (--init MODEL=RUN), not none")
     drop = {"input_tdim", "num_classes", "fstride", "tstride", "pool"}
+    if src.kind == "checkpoint":  # a pretraining checkpoint step: the run's model overrides give the architecture
+        return {k: v for k, v in src.pretrain["model"]["overrides"].items() if k not in drop}, src
+    config = json.loads((src.path / "config.json").read_text())["config"]
     return {k: v for k, v in config.items() if k not in drop}, src
 
 
@@ -111,12 +113,14 @@ def compare(manifests: str | os.PathLike, out: str | os.PathLike, inits: dict[st
         arch, src = archs[model]
         init = str(inits[model]) if which == "pretrained" else "none"
         run = out / task / f"{model}-{which}-{mode}"
-        if (run / "metrics.json").exists():
+        cfg = _cell_config(task, model, init, mode, manifests, budget, arch)
+        if which == "scratch" and src.norm is not None:  # same input normalisation as the pretrained cell
+            cfg.data.mean, cfg.data.std = src.norm
+        same = (run / "config.json").exists() and json.loads((run / "config.json").read_text()) == json.loads(
+            json.dumps(cfg.to_dict()))  # a finished cell is reused only when its configuration is this one
+        if same and (run / "metrics.json").exists():
             result = json.loads((run / "metrics.json").read_text())
         else:
-            cfg = _cell_config(task, model, init, mode, manifests, budget, arch)
-            if which == "scratch" and src.norm is not None:  # same input normalisation as the pretrained cell
-                cfg.data.mean, cfg.data.std = src.norm
             tick = time.perf_counter()
             log(f"[{time.perf_counter() - started:6.0f} s] {task} {model} {which} {mode} ...")
             if run.exists():  # an interrupted cell: start it again
