@@ -76,7 +76,8 @@ class DataSection:
     valid: str = ""
     # label folder written by `ssamba hubert labels` (holds <manifest stem>.km for train and valid)
     labels: str = ""
-    # clips longer than this are cut from the start (labels cut with them); HuBERT: 250000
+    # clips longer than this are cut (labels cut with them); HuBERT: 250000. Pretraining cuts at a random
+    # offset on the 20 ms frame grid (HuBERT's random crop), fine-tuning keeps the start
     max_samples: int = 250000
     num_workers: int = 0
     skip_bad: bool = False
@@ -212,6 +213,7 @@ class _Config:
             value = parse_value(text.strip())
             if parts[:2] == ["model", "overrides"] and len(parts) == 3:
                 self.model.overrides = {**self.model.overrides, parts[2]: value}
+                self.validate()
             elif len(parts) == 2:
                 self.update({parts[0]: {parts[1]: value}}, source=f"--set {pair}")
             else:
@@ -276,9 +278,12 @@ class WaveformSet(torch.utils.data.Dataset):
     ["text": str]}."""
 
     def __init__(self, manifest: str, max_samples: int, skip_bad: bool = False, labels: list | None = None,
-                 label_rate: float = 100.0, transcripts: bool = False):
+                 label_rate: float = 100.0, transcripts: bool = False, random_crop: bool = False, hop: int = 320):
         self.base = AudioDataset(manifest, kind="waveform", skip_bad=skip_bad)
         self.max_samples, self.labels, self.label_rate = max_samples, labels, label_rate
+        # random crops start on the model's frame grid (a multiple of `hop` samples), which is also a whole
+        # number of label frames at 50 and 100 Hz; drawn from python's `random` (seeded, saved on resume)
+        self.random_crop, self.hop = random_crop, hop
         self.transcripts = transcripts
         if transcripts:
             missing = [i for i, ex in enumerate(self.base.examples) if "transcript" not in ex.extra]
@@ -292,13 +297,18 @@ class WaveformSet(torch.utils.data.Dataset):
         item = self.base[index]
         if item is None:
             return None
+        offset = 0
         if item["length"] > self.max_samples:
-            item["features"], item["length"] = item["features"][: self.max_samples], self.max_samples
+            if self.random_crop:
+                offset = random.randint(0, (item["length"] - self.max_samples) // self.hop) * self.hop
+            item["features"] = item["features"][offset : offset + self.max_samples]
+            item["length"] = self.max_samples
         if self.labels is not None:
             lab = self.labels[index]
-            # labels of frames that start before the cut (frame f starts at f * 16000 / rate samples)
-            keep = min(lab.numel(), math.ceil(item["length"] * self.label_rate / 16000))
-            item["targets"] = lab[:keep]
+            # label frame f starts at f * 16000 / rate samples: keep those starting inside the crop
+            first = round(offset * self.label_rate / 16000)
+            keep = math.ceil(item["length"] * self.label_rate / 16000)
+            item["targets"] = lab[first : first + keep]
         if self.transcripts:
             item["text"] = self.base.examples[index].extra["transcript"]
         return item
@@ -489,7 +499,8 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
     objective = HuBERTPretraining(model, meta["k"], L.final_dim, L.logit_temp, L.masked_weight, L.unmasked_weight,
                                   L.feature_pen_weight)
     rate = meta["label_rate"]
-    train_set = WaveformSet(cfg.data.train, cfg.data.max_samples, cfg.data.skip_bad, train_labels, rate)
+    train_set = WaveformSet(cfg.data.train, cfg.data.max_samples, cfg.data.skip_bad, train_labels, rate,
+                            random_crop=True, hop=model.config.hop)
     valid_set = None
     if cfg.data.valid:
         valid_labels, _ = read_labels_for(cfg.data.labels, cfg.data.valid)

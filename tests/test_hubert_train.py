@@ -1,0 +1,208 @@
+"""Mamba-HuBERT targets (k-means labels, alignment checks, cluster quality), the resumable pretraining loop,
+CTC fine-tuning, the reconstruction probe and the `ssamba hubert` CLI, on a tiny generated corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from ssamba.cli import main
+from ssamba.features import num_frames
+from ssamba.models import load_pretrained
+from ssamba.pretrain.kmeans import (
+    LabelError,
+    MiniBatchKMeans,
+    cluster_quality,
+    make_labels,
+    read_label_file,
+    read_labels_for,
+)
+from ssamba.tasks.ctc import CharVocab, edit_distance, error_rates, greedy_decode
+from ssamba.train.hubert import (
+    CTCConfig,
+    HuBERTPretrainConfig,
+    ReconstructConfig,
+    finetune_ctc,
+    pretrain_hubert,
+    reconstruct,
+)
+
+WORDS = {"ab": (300, 900), "ba": (900, 300), "aab": (300, 600)}
+
+
+def _write_corpus(root, name, items):
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (text, seconds) in enumerate(items):
+        t = np.arange(int(seconds * 16000)) / 16000
+        f1, f2 = WORDS[text]
+        freq = np.where(t < seconds / 2, f1, f2)
+        wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * np.random.default_rng(i).standard_normal(t.size)
+        path = root / "audio" / f"{name}_{i}.wav"
+        sf.write(path, wave.astype(np.float32), 16000)
+        entries.append({"wav": f"audio/{path.name}", "labels": "", "transcript": text})
+    manifest = root / f"{name}.json"
+    manifest.write_text(json.dumps({"data": entries}))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hubert_corpus")
+    train = _write_corpus(root, "train", [("ab", 0.5), ("ba", 0.6), ("aab", 0.55), ("ab", 0.45)])
+    valid = _write_corpus(root, "valid", [("ba", 0.5), ("ab", 0.52)])
+    labels = root / "labels"
+    make_labels(train, [valid], labels, k=6, max_iter=20, seed=0)
+    return {"root": root, "train": train, "valid": valid, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------------------ k-means
+
+
+def test_minibatch_kmeans_recovers_separated_blobs():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = torch.arange(3).repeat_interleave(200)
+    x = centers[truth] + 0.3 * torch.randn(600, 2, generator=gen)
+    km = MiniBatchKMeans(3, batch_size=128, max_iter=50, seed=0).fit(x)
+    q = cluster_quality(km.predict(x), truth)
+    assert q["cluster_purity"] == 1.0 and q["pnmi"] == pytest.approx(1.0, abs=1e-9)
+    assert km.inertia == pytest.approx(2 * 0.3**2, rel=0.25)  # two dims of variance 0.09
+
+
+def test_cluster_quality_by_hand():
+    codes = torch.tensor([0, 0, 1, 1])
+    refs = torch.tensor([0, 1, 0, 1])  # independent of the codes
+    q = cluster_quality(codes, refs)
+    assert q["cluster_purity"] == 0.5 and q["pnmi"] == pytest.approx(0.0, abs=1e-12)
+    q = cluster_quality(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 0, 1, 1]))  # codes refine the refs
+    assert q["cluster_purity"] == 1.0 and q["ref_purity"] == 0.75 and q["pnmi"] == pytest.approx(1.0)
+
+
+def test_labels_align_with_audio_and_share_one_model(corpus):
+    meta = json.loads((corpus["labels"] / "labels.json").read_text())
+    assert meta["k"] == 6 and meta["label_rate"] == 100.0 and set(meta["splits"]) == {"train", "valid"}
+    for manifest in (corpus["train"], corpus["valid"]):
+        labels, _ = read_labels_for(corpus["labels"], manifest)
+        for lab, entry in zip(labels, json.loads(manifest.read_text())["data"], strict=True):
+            samples = sf.info(str(corpus["root"] / entry["wav"])).frames
+            assert lab.numel() == int(num_frames(samples))  # 100 Hz, 25 ms windows
+    # the valid labels come from the centroids fitted on train (not a second k-means)
+    from safetensors.torch import load_file
+
+    from ssamba.audio import load_audio
+    from ssamba.features import mfcc_with_deltas
+
+    km = MiniBatchKMeans(6)
+    km.centroids = load_file(str(corpus["labels"] / "kmeans.safetensors"))["centroids"]
+    first_valid = json.loads(corpus["valid"].read_text())["data"][0]["wav"]
+    codes = km.predict(mfcc_with_deltas(torch.from_numpy(load_audio(corpus["root"] / first_valid))))
+    assert torch.equal(codes, read_label_file(corpus["labels"] / "valid.km")[0])
+
+
+def test_misaligned_label_file_is_an_error(corpus, tmp_path):
+    bad = tmp_path / "labels"
+    bad.mkdir()
+    (bad / "labels.json").write_text((corpus["labels"] / "labels.json").read_text())
+    lines = (corpus["labels"] / "train.km").read_text().splitlines()
+    lines[1] = " ".join(lines[1].split()[:-3])  # three frames short
+    (bad / "train.km").write_text("\n".join(lines) + "\n")
+    with pytest.raises(LabelError, match=r"train.km:2: .* expected"):
+        read_labels_for(bad, corpus["train"])
+    (bad / "train.km").write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(LabelError, match="2 lines for 4 entries"):
+        read_labels_for(bad, corpus["train"])
+
+
+# ------------------------------------------------------------------------------------------------ loops
+
+
+def _pretrain_cfg(corpus, steps: int) -> HuBERTPretrainConfig:
+    cfg = HuBERTPretrainConfig()
+    cfg.update({"model": {"encoder": "extbimamba", "size": "tiny"},
+                "data": {"train": str(corpus["train"]), "valid": str(corpus["valid"]), "labels": str(corpus["labels"]),
+                         "max_samples": 8000},
+                "train": {"steps": steps, "batch_size": 2},
+                "optim": {"warmup_steps": 2, "lr": 1e-3},
+                "log": {"eval_every": 2, "ckpt_every": 2, "progress": False, "log_every": 1}})  # fmt: skip
+    return cfg
+
+
+@pytest.mark.slow
+def test_pretrain_resume_is_exact(corpus, tmp_path):
+    full = pretrain_hubert(_pretrain_cfg(corpus, 4), tmp_path / "full")
+    assert full["valid"]["chance"] == pytest.approx(1 / 6) and 0 <= full["valid"]["acc_m"] <= 1
+    part = pretrain_hubert(_pretrain_cfg(corpus, 2), tmp_path / "part")
+    assert part["step"] == 2
+    resumed = pretrain_hubert(_pretrain_cfg(corpus, 4), tmp_path / "part", resume=True)
+    assert resumed["step"] == 4
+    a, b = load_pretrained(full["final"]), load_pretrained(resumed["final"])
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=lambda m, name=name: f"{name}: {m}")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+             if "split" not in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+    with pytest.raises(FileExistsError):
+        pretrain_hubert(_pretrain_cfg(corpus, 4), tmp_path / "full")
+
+
+def test_config_errors_name_the_key():
+    cfg = HuBERTPretrainConfig()
+    with pytest.raises(ValueError, match="mask.spn"):
+        cfg.update({"mask": {"spn": 3}})
+    with pytest.raises(ValueError, match="depht"):
+        cfg.set(["model.overrides.depht=2"])
+
+
+def test_ctc_finetune_and_decoding(corpus, tmp_path):
+    cfg = CTCConfig()
+    cfg.update({"model": {"encoder": "conbimamba", "size": "tiny"},
+                "data": {"train": str(corpus["train"]), "valid": str(corpus["valid"])}, "test": str(corpus["valid"]),
+                "head": {"layer": 1, "conformer_layers": 1, "conformer_dim": 16, "conformer_heads": 2},
+                "train": {"steps": 3, "batch_size": 2}, "log": {"eval_every": 3, "progress": False}})  # fmt: skip
+    result = finetune_ctc(cfg, tmp_path / "ctc")
+    metrics = json.loads((tmp_path / "ctc" / "metrics.json").read_text())
+    assert metrics["task"] == "ctc" and metrics["vocab"] == ["a", "b"]
+    assert math.isfinite(metrics["test"]) and metrics["test"] >= 0 and result["step"] == 3
+
+
+def test_greedy_decode_cer_wer_by_hand():
+    vocab = CharVocab.from_transcripts(["ab ba"])
+    assert vocab.chars == [" ", "a", "b"] and vocab.encode("AB  ba").tolist() == [2, 3, 1, 3, 2]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        vocab.encode("abc")
+    # path: a a _ b b _ b  -> "abb"
+    ids = torch.tensor([[2, 2, 0, 3, 3, 0, 3, 1]])
+    log_probs = torch.nn.functional.one_hot(ids, 4).float().log()
+    assert greedy_decode(log_probs, torch.tensor([7])) == [[2, 3, 3]]
+    assert vocab.decode([2, 3, 3]) == "abb"
+    assert edit_distance("kitten", "sitting") == 3
+    r = error_rates(["ab ba", "a"], ["ab b", "a"])
+    assert r["cer"] == pytest.approx(1 / 6) and r["wer"] == pytest.approx(1 / 3)
+
+
+def test_reconstruction_probe(corpus, tmp_path):
+    cfg = ReconstructConfig()
+    cfg.update({"model": {"encoder": "innbimamba", "size": "tiny"},
+                "data": {"train": str(corpus["train"]), "valid": str(corpus["valid"])},
+                "recon": {"noise_snr_db": 10.0, "num_mel_bins": 40}, "head": {"layer": 2},
+                "finetune": {"freeze_encoder": False},
+                "train": {"steps": 2, "batch_size": 2}, "log": {"eval_every": 2, "progress": False}})  # fmt: skip
+    reconstruct(cfg, tmp_path / "rec")
+    metrics = json.loads((tmp_path / "rec" / "metrics.json").read_text())
+    assert metrics["task"] == "denoise" and metrics["valid"]["mse"] > 0
+    assert metrics["valid"]["r2"] == pytest.approx(1 - metrics["valid"]["mse"] / metrics["valid"]["baseline_mse"])
+
+
+def test_cli_labels_and_bad_key(corpus, tmp_path, capsys):
+    assert main(["hubert", "labels", "--train", str(corpus["train"]), "--out", str(tmp_path / "l"), "--k", "3",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["train"]["utterances"] == 4
+    code = main(["hubert", "pretrain", "--train", str(corpus["train"]), "--labels", str(tmp_path / "l"),
+                 "--out", str(tmp_path / "run"), "--size", "tiny", "--set", "optim.lrr=1"])
+    assert code == 2 and "optim.lrr" in capsys.readouterr().err
