@@ -1,5 +1,6 @@
 """Model families and the model registry (``create_model`` / ``list_models``)."""
 
+from ssamba.models.hubert import HuBERTConfig, HuBERTModel, create_hubert  # registers the "hubert" family
 from ssamba.models.spectrogram import (
     ClassifierHead,
     SpectrogramEncoder,
@@ -17,11 +18,14 @@ from ssamba.models.spectrogram import (
 
 __all__ = [
     "ClassifierHead",
+    "HuBERTConfig",
+    "HuBERTModel",
     "SSAMBAConfig",
     "SSAMBAModel",
     "SSASTConfig",
     "SSASTModel",
     "SpectrogramEncoder",
+    "create_hubert",
     "create_model",
     "list_models",
     "load_pretrained",
