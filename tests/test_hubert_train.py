@@ -206,3 +206,18 @@ def test_cli_labels_and_bad_key(corpus, tmp_path, capsys):
     code = main(["hubert", "pretrain", "--train", str(corpus["train"]), "--labels", str(tmp_path / "l"),
                  "--out", str(tmp_path / "run"), "--size", "tiny", "--set", "optim.lrr=1"])
     assert code == 2 and "optim.lrr" in capsys.readouterr().err
+
+
+def test_iteration2_labels_from_a_layer_at_50hz(corpus, tmp_path):
+    from ssamba.models.hubert import create_hubert
+
+    torch.manual_seed(0)
+    create_hubert("innbimamba", "tiny").save_pretrained(tmp_path / "model")
+    meta = make_labels(corpus["train"], [corpus["valid"]], tmp_path / "it2", k=3, model_dir=str(tmp_path / "model"),
+                       layer=2, max_iter=10)
+    assert meta["label_rate"] == 50.0 and meta["source"] == "layer"
+    labels, _ = read_labels_for(tmp_path / "it2", corpus["valid"])  # checks 50 Hz CNN frame counts
+    samples = sf.info(str(corpus["root"] / json.loads(corpus["valid"].read_text())["data"][0]["wav"])).frames
+    assert labels[0].numel() == (samples - 400) // 320 + 1
+    with pytest.raises(ValueError, match="--layer must be in 1..2"):
+        make_labels(corpus["train"], [], tmp_path / "x", k=3, model_dir=str(tmp_path / "model"), layer=5)
