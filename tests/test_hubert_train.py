@@ -221,3 +221,17 @@ def test_iteration2_labels_from_a_layer_at_50hz(corpus, tmp_path):
     assert labels[0].numel() == (samples - 400) // 320 + 1
     with pytest.raises(ValueError, match="--layer must be in 1..2"):
         make_labels(corpus["train"], [], tmp_path / "x", k=3, model_dir=str(tmp_path / "model"), layer=5)
+
+
+def test_ctc_over_phonemes(corpus, tmp_path):
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    cfg = CTCConfig()
+    cfg.update({"model": {"encoder": "transformer", "size": "tiny"},
+                "data": {"train": str(corpus["train"]), "valid": str(corpus["valid"])}, "head": {"units": "phonemes"},
+                "train": {"steps": 1, "batch_size": 2}, "log": {"eval_every": 1, "progress": False}})  # fmt: skip
+    finetune_ctc(cfg, tmp_path / "ctc")
+    metrics = json.loads((tmp_path / "ctc" / "metrics.json").read_text())
+    assert metrics["metric"] == "per" and "a" not in metrics["vocab"] and len(metrics["vocab"]) >= 2

@@ -23,9 +23,23 @@ from torch import Tensor, nn
 
 from ssamba.nn.conformer import ConformerBlock
 
-__all__ = ["BLANK", "CTCHead", "CharVocab", "ReconstructionHead", "edit_distance", "error_rates", "greedy_decode"]
+__all__ = ["BLANK", "CTCHead", "CharVocab", "ReconstructionHead", "edit_distance", "error_rates", "greedy_decode",
+           "phonemize"]
 
 BLANK = 0
+_STRESS = str.maketrans("", "", "\u02c8\u02cc")  # IPA primary / secondary stress marks
+
+
+def phonemize(text: str, voice: str = "en-us") -> str:
+    """IPA phoneme string of a transcript from espeak-ng (the tool the demo corpus is rendered with), stress
+    marks removed, words separated by spaces; its symbols are the CTC units of ``units = "phonemes"``."""
+    import shutil
+    import subprocess
+
+    if shutil.which("espeak-ng") is None:
+        raise FileNotFoundError("espeak-ng is not installed; phoneme targets need it (apt-get install espeak-ng)")
+    out = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", voice, text], capture_output=True, text=True, check=True)
+    return " ".join(out.stdout.translate(_STRESS).split())
 
 
 class CharVocab:

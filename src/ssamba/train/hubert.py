@@ -144,6 +144,8 @@ class HeadSection:
     conformer_heads: int = 4
     conformer_kernel: int = 15
     dropout: float = 0.1
+    # CTC units: "chars" (the transcript's characters) or "phonemes" (espeak-ng IPA symbols of the transcript)
+    units: str = "chars"
 
 
 @dataclass
@@ -285,6 +287,7 @@ class WaveformSet(torch.utils.data.Dataset):
         # number of label frames at 50 and 100 Hz; drawn from python's `random` (seeded, saved on resume)
         self.random_crop, self.hop = random_crop, hop
         self.transcripts = transcripts
+        self.text_map: Callable[[str], str] | None = None  # e.g. phonemize, applied once per transcript
         if transcripts:
             missing = [i for i, ex in enumerate(self.base.examples) if "transcript" not in ex.extra]
             if missing:
@@ -311,6 +314,8 @@ class WaveformSet(torch.utils.data.Dataset):
             item["targets"] = lab[first : first + keep]
         if self.transcripts:
             item["text"] = self.base.examples[index].extra["transcript"]
+            if self.text_map is not None:
+                item["text"] = self.text_map(item["text"])
         return item
 
     def collate(self, items: list) -> dict:
@@ -581,16 +586,31 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
     run = Path(run)
     cfg.validate()
     _seed(cfg.train.seed)
-    train_set = WaveformSet(cfg.data.train, cfg.data.max_samples, cfg.data.skip_bad, transcripts=True)
-    vocab = CharVocab.from_transcripts([ex.extra["transcript"] for ex in train_set.base.examples])
-    encoder = _encoder(cfg)
     h = cfg.head
+    if h.units not in ("chars", "phonemes"):
+        raise ValueError(f"head.units must be chars or phonemes, got {h.units!r}")
+    text_map = None
+    if h.units == "phonemes":
+        from functools import lru_cache
+
+        from ssamba.tasks.ctc import phonemize
+
+        text_map = lru_cache(maxsize=None)(phonemize)
+
+    def waveset(manifest: str) -> WaveformSet:
+        ds = WaveformSet(manifest, cfg.data.max_samples, cfg.data.skip_bad, transcripts=True)
+        ds.text_map = text_map
+        return ds
+
+    train_set = waveset(cfg.data.train)
+    texts = [ex.extra["transcript"] for ex in train_set.base.examples]
+    vocab = CharVocab.from_transcripts([text_map(t) for t in texts] if text_map else texts)
+    encoder = _encoder(cfg)
     head = CTCHead(encoder, len(vocab), h.layer or None, h.conformer_layers, h.conformer_dim, h.conformer_heads,
                    h.conformer_kernel, h.dropout)
     params = _encoder_params(head, cfg.finetune)
     ft = cfg.finetune
-    valid_set = WaveformSet(cfg.data.valid, cfg.data.max_samples, cfg.data.skip_bad, transcripts=True) \
-        if cfg.data.valid else None
+    valid_set = waveset(cfg.data.valid) if cfg.data.valid else None
 
     def targets_of(texts):
         enc = [vocab.encode(t) for t in texts]
@@ -652,13 +672,14 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
         _load_head(head, run / "best")
     else:
         _save_head(head, run / "best", vocab)
-    summary = {"task": "ctc", "metric": "cer", "init": cfg.finetune.init, "layer": h.layer or "last",
+    summary = {"task": "ctc", "metric": "cer" if h.units == "chars" else "per", "units": h.units,
+               "init": cfg.finetune.init, "layer": h.layer or "last",
                "conformer_layers": h.conformer_layers, "steps": result["step"], "vocab": vocab.chars}
     if valid_set is not None:
         v = evaluate(head, valid_set)
         summary.update(valid=v["cer"], valid_wer=v["wer"], best_step=best.get("step"))
     if cfg.test:
-        test_set = WaveformSet(cfg.test, cfg.data.max_samples, cfg.data.skip_bad, transcripts=True)
+        test_set = waveset(cfg.test)
         r = evaluate(head, test_set)
         summary.update(test=r["cer"], test_wer=r["wer"], test_examples=r["examples"])
     (run / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
