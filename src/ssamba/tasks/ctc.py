@@ -108,11 +108,12 @@ def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     return {"cer": ce / max(cn, 1), "wer": we / max(wn, 1), "chars": cn, "words": wn}
 
 
-def _select_layer(encoder: nn.Module, waveforms: Tensor, lengths: Tensor, layer: int | None
-                  ) -> tuple[Tensor, Tensor]:
-    """Layer ``layer`` (1-based) of the encoder's outputs, or its normalised final output when None."""
+def _select_layer(encoder: nn.Module, waveforms: Tensor, lengths: Tensor, layer: int | None,
+                  mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Layer ``layer`` (1-based) of the encoder's outputs, or its normalised final output when None;
+    ``mask`` (B, T) bool replaces frames by the mask embedding (fine-tuning augmentation)."""
     feats, frame_lengths = encoder.cnn_features(waveforms, lengths)
-    outputs, final = encoder.encode(feats, frame_lengths, None, num_layers=layer)
+    outputs, final = encoder.encode(feats, frame_lengths, mask, num_layers=layer)
     return (final if layer is None else outputs[layer - 1]), frame_lengths
 
 
@@ -138,8 +139,8 @@ class CTCHead(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(width, vocab_size)
 
-    def forward(self, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        h, frame_lengths = _select_layer(self.encoder, waveforms, lengths, self.layer)  # (B, T, C)
+    def forward(self, waveforms: Tensor, lengths: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h, frame_lengths = _select_layer(self.encoder, waveforms, lengths, self.layer, mask)  # (B, T, C)
         if self.downstream is not None:
             h = self.down_proj(h)
             for block in self.downstream:

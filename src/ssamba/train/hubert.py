@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ssamba import features as feats
 from ssamba.data.datasets import AudioDataset, pad_collate
@@ -512,12 +511,14 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
         valid_set = WaveformSet(cfg.data.valid, cfg.data.max_samples, cfg.data.skip_bad, valid_labels, rate)
     m = cfg.mask
 
-    def forward(obj: HuBERTPretraining, batch: dict, gen: torch.Generator, device) -> Any:
+    def forward(obj, batch: dict, gen: torch.Generator, device) -> Any:
+        """obj: the objective or its DDP wrapper (called, so that DDP sees the forward)."""
+        net = obj.module if hasattr(obj, "module") else obj
         wave, lengths = batch["features"].to(device), batch["lengths"].to(device)
-        frames = obj.model.frame_lengths(lengths)
-        t = int(obj.model.frame_lengths(torch.tensor([wave.shape[1]]))[0])
+        frames = net.model.frame_lengths(lengths)
+        t = int(net.model.frame_lengths(torch.tensor([wave.shape[1]]))[0])
         mask = span_mask(frames.cpu(), t, m.prob, m.span, m.min_masks, generator=gen)
-        targets = downsample_labels(batch["targets"], rate, obj.model.config.frame_rate, t)
+        targets = downsample_labels(batch["targets"], rate, net.model.config.frame_rate, t)
         return obj(wave, lengths, targets, mask)
 
     def step_fn(model, batch, step, micro, rank, device):
@@ -622,19 +623,13 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
         for p in net.encoder.layers.parameters():
             p.requires_grad_(not frozen)
         wave, lengths = batch["features"].to(device), batch["lengths"].to(device)
-        feats_, frames = net.encoder.cnn_features(wave, lengths)
         mask = None
         if ft.mask_prob > 0:
+            frames = net.encoder.frame_lengths(lengths).cpu()
+            t = int(net.encoder.frame_lengths(torch.tensor([wave.shape[1]]))[0])
             gen = _mask_generator(cfg.train.seed, step, rank, micro)
-            mask = span_mask(frames.cpu(), feats_.shape[1], ft.mask_prob, ft.mask_span, 0, generator=gen,
-                             same_count=False).to(device)
-        outputs, final = net.encoder.encode(feats_, frames, mask, num_layers=net.layer)
-        hid = final if net.layer is None else outputs[net.layer - 1]
-        if net.downstream is not None:
-            hid = net.down_proj(hid)
-            for block in net.downstream:
-                hid = block(hid, frames)
-        log_probs = F.log_softmax(net.out(net.drop(hid)).float(), dim=-1)
+            mask = span_mask(frames, t, ft.mask_prob, ft.mask_span, 0, generator=gen, same_count=False).to(device)
+        log_probs, frames = model(wave, lengths, mask)  # called through DDP when distributed
         tgt, tgt_len = targets_of(batch["text"])
         loss = net.ctc_loss(log_probs, frames, tgt.to(device), tgt_len.to(device))
         return loss, {}
@@ -717,6 +712,7 @@ def reconstruct(cfg: ReconstructConfig, run: str | Path, resume: bool = False) -
     train_set = WaveformSet(cfg.data.train, cfg.data.max_samples, cfg.data.skip_bad)
 
     def batch_loss(net, batch, device, gen: torch.Generator | None):
+        """net: the head or its DDP wrapper (called for the forward)."""
         wave, lengths = batch["features"].to(device), batch["lengths"].to(device)
         target, t_frames = feats.batch_fbank(wave, lengths, num_mel_bins=r.num_mel_bins)  # (B, F, M), clean
         target = feats.normalize(target, r.mean, r.std)
@@ -735,8 +731,7 @@ def reconstruct(cfg: ReconstructConfig, run: str | Path, resume: bool = False) -
         return err.mean(), err.sum().item(), tgt, int(sel.sum())
 
     def step_fn(model, batch, step, micro, rank, device):
-        net = model.module if hasattr(model, "module") else model
-        loss, *_ = batch_loss(net, batch, device, _mask_generator(cfg.train.seed, step, rank, micro))
+        loss, *_ = batch_loss(model, batch, device, _mask_generator(cfg.train.seed, step, rank, micro))
         return loss, {}
 
     @torch.no_grad()
