@@ -259,6 +259,58 @@ def _embed(args) -> int:
     return 0
 
 
+class _PanelAction(argparse.Action):
+    """--panel TITLE / --model LABEL=SPEC / --ckpt SPEC, kept in command-line order (a panel owns the models
+    after it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        entries = getattr(namespace, "mi_entries", None) or []
+        entries.append((self.dest, values))
+        namespace.mi_entries = entries
+
+
+def _analyze_mi(args) -> int:
+    import torch
+
+    from ssamba.analysis.layerwise import AnalysisConfig, ModelSpec, Panel, analyze, format_table
+    from ssamba.data import LabelSet
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # small MLPs: extra threads only contend on a shared CPU
+    panels: list[Panel] = []
+    for kind, value in getattr(args, "mi_entries", None) or []:
+        if kind == "panel":
+            panels.append(Panel(value))
+            continue
+        if kind == "model":
+            label, sep, spec = value.partition("=")
+            if not sep or not label or not spec:
+                print(f"ssamba analyze mi: error: --model needs LABEL=SPEC, got {value!r}", file=sys.stderr)
+                return 2
+        else:
+            label, spec = Path(value.removeprefix("random:")).name + (" (random)" if value.startswith("random:")
+                                                                      else ""), value
+        if not panels:
+            panels.append(Panel("models"))
+        panels[-1].models.append(ModelSpec(label, spec))
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+        cfg = AnalysisConfig(seeds=seeds, dims=args.dims, x=args.x, group=args.group, max_items=args.max_items,
+                             max_frames=args.max_frames, hidden=args.hidden, steps=args.steps, lr=args.lr,
+                             ema=None if args.no_ema else args.ema, held_out=args.held_out, k=args.k,
+                             cca=args.cca, mean=args.mean,
+                             std=args.std)
+        labels = LabelSet.from_csv(args.labels) if args.labels else None
+        result = analyze(panels, args.data, labels=labels, cfg=cfg, out=args.out,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"ssamba analyze mi: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(f"\nwrote {Path(args.out) / 'mi.json'}" + (f" and {result['png']}" if "png" in result else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssamba", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ssamba {ssamba.__version__}")
@@ -427,6 +479,43 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--batch-size", type=int, default=16)
     em.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable files")
     em.set_defaults(func=_embed)
+
+    an = commands.add_parser("analyze", help="layer-wise analysis of representations")
+    an_commands = an.add_subparsers(dest="analyze_command", required=True, metavar="COMMAND")
+    mi = an_commands.add_parser(
+        "mi", help="MI per layer: MINE I(X; T_l) over seeds, k-means I(T_l; Y)/H(Y), CCA; JSON + PNG",
+        description="Models are --ckpt SPEC or --model LABEL=SPEC (SPEC: a save_pretrained folder, a run folder "
+                    "with best/ or final/, or random:SPEC for the same architecture untrained); --panel TITLE "
+                    "starts a panel holding the models that follow it.")
+    mi.add_argument("--panel", action=_PanelAction, metavar="TITLE", help="start a new panel of the figure")
+    mi.add_argument("--model", action=_PanelAction, metavar="LABEL=SPEC", help="a model with its legend label")
+    mi.add_argument("--ckpt", action=_PanelAction, metavar="SPEC", help="a model labelled by its folder name")
+    mi.add_argument("--data", type=Path, action="append", required=True,
+                    help="manifest(s) whose clips give the frames (repeat to pool several)")
+    mi.add_argument("--labels", type=Path, default=None,
+                    help="class CSV of the manifest's labels: adds I(T_l; Y)/H(Y) with frame = clip label")
+    mi.add_argument("--out", type=Path, required=True, help="output folder: mi.json, mi.png")
+    mi.add_argument("--x", default="input",
+                    help="X: input (raw patches / MFCC), cnn (waveform models' CNN output) or layer:K")
+    mi.add_argument("--group", default="concat", choices=["concat", "mean", "patch"],
+                    help="patch models: a frame = a time column of patches concatenated / averaged, or one patch")
+    mi.add_argument("--seeds", default="0,1,2", help="comma-separated MINE / k-means seeds")
+    mi.add_argument("--dims", type=int, default=16, help="PCA components of X and of each layer (0 = all)")
+    mi.add_argument("--max-items", type=int, default=None, help="use at most this many clips")
+    mi.add_argument("--max-frames", type=int, default=6000, help="subsample to at most this many frames")
+    mi.add_argument("--hidden", type=int, default=64, help="statistics-network width")
+    mi.add_argument("--steps", type=int, default=1000, help="MINE optimiser steps per estimate")
+    mi.add_argument("--lr", type=float, default=1e-3)
+    mi.add_argument("--ema", type=float, default=0.01, help="moving-average rate of the bias-corrected gradient")
+    mi.add_argument("--no-ema", action="store_true", help="plain (biased) DV gradient")
+    mi.add_argument("--held-out", type=float, default=0.3,
+                    help="fraction of clips whose frames evaluate the bound / the cluster counts")
+    mi.add_argument("--k", type=int, default=32, help="k-means clusters of the discrete estimator")
+    mi.add_argument("--cca", action="store_true", help="also linear CCA of X and each layer")
+    mi.add_argument("--mean", type=float, default=-4.2677393, help="fbank normalisation mean (as in training)")
+    mi.add_argument("--std", type=float, default=4.5689974, help="fbank normalisation std (as in training)")
+    mi.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    mi.set_defaults(func=_analyze_mi)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Layer-wise analysis of representations: mutual information (MINE, clustering), CCA, plots."""
