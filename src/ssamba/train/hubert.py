@@ -411,6 +411,8 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True)
+    if latest is None and eval_fn is not None and ddp.main:  # the untrained baseline, step 0
+        log.log({"step": 0, "split": "valid", **eval_fn(module, 0)})
     batches = iter(loader)
     tick = time.perf_counter()
     try:
