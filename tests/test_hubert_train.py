@@ -235,3 +235,20 @@ def test_ctc_over_phonemes(corpus, tmp_path):
     finetune_ctc(cfg, tmp_path / "ctc")
     metrics = json.loads((tmp_path / "ctc" / "metrics.json").read_text())
     assert metrics["metric"] == "per" and "a" not in metrics["vocab"] and len(metrics["vocab"]) >= 2
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun_two_processes(corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ssamba",
+               "hubert", "pretrain", "--train", str(corpus["train"]), "--valid", str(corpus["valid"]),
+               "--labels", str(corpus["labels"]), "--out", str(tmp_path / "ddp"), "--size", "tiny", "--steps", "2",
+               "--batch-size", "2", "--set", "log.progress=false", "--set", "data.max_samples=8000"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
+    assert [p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()] == ["step_00000002"]

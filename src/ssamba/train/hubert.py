@@ -346,8 +346,12 @@ def _lr_at(step: int, o: OptimSection, total: int) -> float:
     return o.lr * (1.0 - (1.0 - o.final_lr_scale) * min(frac, 1.0))
 
 
-def _mask_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
+def _mask_generator(seed: int, step: int, rank: int, micro: int, world: int | None = None) -> torch.Generator:
+    """Seeded by the global micro-batch index ``micro * world + rank`` (the sampler's order), so that one
+    process with grad_accum = W and W processes draw the same masks for the same items."""
+    if world is None:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10007 + micro * world + rank)
 
 
 def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_fn: Callable,
