@@ -120,7 +120,8 @@ def test_probe_trains_only_layer_weights_and_head(task, tmp_path):
         for k, v in encoder.state_dict().items():  # the encoder never moved
             torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
         head = load_file(str(run / "best" / "probe.safetensors"))
-        assert set(head) == {"layer_logits", "head.weight", "head.bias"}
+        assert set(head) == {"layer_logits", "head.weight", "head.bias", "feature_mean", "feature_std"}
+        assert not torch.equal(head["feature_std"], torch.ones_like(head["feature_std"]))  # fitted on train
         results = out
         if cached:
             first = results

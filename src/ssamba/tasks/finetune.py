@@ -81,7 +81,11 @@ class WeightedSumProbe(nn.Module):
     patch tokens -> Linear (SUPERB's featurizer + a linear utterance classifier).
 
     ``layer_logits`` (L,) start at zero (equal weights). Only ``layer_logits`` and ``head`` are trainable;
-    the encoder stays in eval mode (no dropout / stochastic depth) even when the probe trains.
+    the encoder stays in eval mode (no dropout / stochastic depth) even when the probe trains. Before the
+    weighted sum each layer's pooled vector is standardised with fixed training-set statistics
+    (``feature_mean`` / ``feature_std`` (L, C) buffers, ``fit_standardization``), as a linear probe's
+    affine-free BatchNorm (MAE): pooled LayerNormed tokens vary little between clips, and without it a
+    short probe budget barely moves the classifier.
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int):
@@ -93,6 +97,14 @@ class WeightedSumProbe(nn.Module):
             num_layers = len(encoder.extract_features(probe_in)[0])
         self.layer_logits = nn.Parameter(torch.zeros(num_layers))
         self.head = nn.Linear(c.embed_dim, num_classes)
+        self.register_buffer("feature_mean", torch.zeros(num_layers, c.embed_dim))
+        self.register_buffer("feature_std", torch.ones(num_layers, c.embed_dim))
+
+    @torch.no_grad()
+    def fit_standardization(self, pooled: Tensor) -> None:
+        """Per-layer, per-channel mean / std of training vectors (N, L, C)."""
+        self.feature_mean.copy_(pooled.mean(0))
+        self.feature_std.copy_(pooled.std(0, unbiased=False).clamp_min(1e-5))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -113,6 +125,7 @@ class WeightedSumProbe(nn.Module):
     def forward_pooled(self, pooled: Tensor) -> Tensor:
         """(B, L, C) -> logits (B, Q)."""
         w = torch.softmax(self.layer_logits, dim=0)
+        pooled = (pooled - self.feature_mean) / self.feature_std
         return self.head(torch.einsum("l,blc->bc", w, pooled))
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -511,6 +524,10 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
         log(f"probe: cached per-layer vectors of {sum(len(v[0]) for v in cache.values())} clips in "
             f"{time.perf_counter() - tick:.1f} s")  # fmt: skip
     loader = None if cached else _loader(train_set, bs, workers, sampler)
+    if probe and latest is None:  # fixed standardisation statistics from the (un-augmented) training split
+        train_pooled = cache["train"][0] if cached else _cache_pooled(model, train_set, _loader(train_set, bs, workers),
+                                                                      device)[0]  # fmt: skip
+        model.fit_standardization(train_pooled.to(device))
 
     # -- optimisation
     o = cfg.optim
@@ -547,9 +564,12 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
                 return model.forward_pooled(cache[split][0].to(device)).cpu().numpy(), cache[split][1].numpy()
         return _predict(model, eval_loaders[split], device)
 
+    last_valid: dict = {}
+
     def validate() -> dict:
         nonlocal best, best_step
         s, t = scores_of("valid")
+        last_valid.update(step=step, scores=(s, t))
         result = task_metrics(s, t, cfg.task.multilabel)
         if result[cfg.task.metric] > best:
             best, best_step = result[cfg.task.metric], step
@@ -663,8 +683,14 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
         final, _ = load_classifier(run / "best")
         model.load_state_dict(final.state_dict())
         chosen = f"best valid (step {best_step})"
-    results = {name: task_metrics(*scores_of(name), cfg.task.multilabel) for name in ("valid", "test")
-               if name in datasets}  # fmt: skip
+    # the chosen model's predictions (the last validation's, when that is the chosen model: no second pass)
+    final_scores = {}
+    for name in ("valid", "test"):
+        if name == "valid" and not (wa_on and wa_count) and last_valid.get("step") == best_step == step:
+            final_scores[name] = last_valid["scores"]
+        elif name in datasets:
+            final_scores[name] = scores_of(name)
+    results = {name: task_metrics(*st, cfg.task.multilabel) for name, st in final_scores.items()}
     metric = cfg.task.metric
     out = {"task": cfg.task.name, "metric": metric, "valid": results["valid"][metric],
            "test": results["test"][metric] if "test" in results else None, "mode": cfg.task.mode,
@@ -677,8 +703,7 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
         out["layer_weights"] = model.layer_weights
     split = "test" if "test" in results else "valid"
     if not cfg.task.multilabel:
-        s, t = scores_of(split)
-        matrix = confusion_matrix(s, t, len(labels))
+        matrix = confusion_matrix(*final_scores[split], len(labels))
         (run / "confusion.json").write_text(json.dumps({"split": split, "labels": labels.mids,
                                                         "matrix": matrix.tolist()}) + "\n")  # fmt: skip
         title = f"{cfg.model.name} {cfg.task.mode} on {cfg.task.name} ({split})"
