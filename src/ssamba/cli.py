@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--out", type=Path, required=True, help="folder of the runs and compare.md (reused when rerun)")
     fc.add_argument("--tasks", nargs="+", default=["kws", "sid", "sounds"], choices=["kws", "sid", "sounds"])
     fc.add_argument("--modes", nargs="+", default=["probe", "finetune"], choices=["probe", "finetune"])
-    fc.add_argument("--finetune-steps", type=int, default=12)
+    fc.add_argument("--finetune-steps", type=int, default=8)
     fc.add_argument("--probe-epochs", type=int, default=30)
     fc.add_argument("--batch-size", type=int, default=16)
     fc.add_argument("--seed", type=int, default=0)

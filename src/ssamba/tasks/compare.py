@@ -33,7 +33,7 @@ DEMO_TASKS = {"kws": ("kws", "kws"), "sid": ("sid", "speaker"), "sounds": ("soun
 
 @dataclass
 class CompareBudget:
-    finetune_steps: int = 12
+    finetune_steps: int = 8
     probe_epochs: int = 30
     batch_size: int = 16
     # fine-tuning lr and head multiplier (Adam, as the official run.py); probe lr (only a Linear + L weights)
