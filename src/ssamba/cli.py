@@ -60,6 +60,75 @@ def _bench_scan(args) -> int:
     return 0
 
 
+def _bench_models(args) -> int:
+    from ssamba.bench import models as bench
+
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
+            try:
+                overrides[key.strip()] = json.loads(value)  # numbers, true/false, null, lists
+            except json.JSONDecodeError:
+                overrides[key.strip()] = value  # a bare string, e.g. --set pool=cls
+        changes = {"batch": args.batch, "device": args.device, "dtype": args.dtype}
+        for key, value in (("repeats", args.repeats), ("budget_s", args.budget), ("threads", args.threads),
+                           ("max_forward_s", args.max_forward_s)):
+            if value is not None:
+                changes[key] = value
+        if args.models:
+            changes["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        if args.attention:
+            changes["attention"] = tuple(a.strip() for a in args.attention.split(",") if a.strip())
+        if args.backends:
+            changes["backends"] = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+        if args.tokens and args.frames:
+            raise ValueError("give --tokens or --frames, not both")
+        if args.frames:
+            changes["frames"] = bench.parse_frames(args.frames)
+        if args.tokens:
+            # 16x16 patches over 128 mel bins: 8 patch rows, so K tokens = 8 * (T // 16) and T = 2K
+            tokens = bench.parse_frames(args.tokens)
+            bad = [k for k in tokens if k % 8]
+            if bad:
+                raise ValueError(f"--tokens must be multiples of 8 (8 patch rows of 16x16 patches), got {bad}")
+            changes["frames"] = tuple(2 * k for k in tokens)
+        if args.mem_limit:
+            changes["mem_limit_bytes"] = bench.parse_size(args.mem_limit)
+        if args.quick:
+            changes["overrides"] = {**bench.QUICK_OVERRIDES, **overrides}
+            cfg = bench.quick_config(**changes)
+        else:
+            changes["overrides"] = overrides
+            cfg = bench.BenchConfig.from_dict(changes)
+    except ValueError as e:
+        print(f"ssamba bench models: error: {e}", file=sys.stderr)
+        return 2
+    if args.profile:
+        report = bench.profile_forward(cfg.models[0], frames=cfg.frames[-1], batch=cfg.batch,
+                                       backend=(cfg.backends or ("cpu",))[0], overrides=cfg.overrides,
+                                       threads=cfg.threads)
+        print(json.dumps(report, indent=1) if args.json else bench.format_profile(report))
+        return 0
+    try:
+        result = bench.run(cfg, log=log)
+    except ValueError as e:
+        print(f"ssamba bench models: error: {e}", file=sys.stderr)
+        return 2
+    if args.csv:
+        log(f"csv: {bench.write_csv(result, args.csv)}")
+    if args.plot:
+        try:
+            log(f"plot: {bench.plot(result, args.plot)}")
+        except ImportError as e:
+            print(f"ssamba bench models: no plot written: {e}", file=sys.stderr)
+    print(json.dumps(result, indent=1) if args.json else bench.format_table(result))
+    return 0
+
+
 def _demo(args) -> int:
     from ssamba.demo import run_demo
 
@@ -348,6 +417,36 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--quick", action="store_true", help="L = 512 and 2048 only")
     scan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     scan.set_defaults(func=_bench_scan)
+    bm = bench_commands.add_parser(
+        "models", help="SSAMBA vs SSAST batch-inference time and peak memory against the token count")
+    bm.add_argument("--models", default=None, help="comma-separated registry names (default: ssamba_tiny,ssast_tiny)")
+    bm.add_argument("--tokens", default=None, help="patch-token counts, e.g. 4096,8192 or 512:22528:256")
+    bm.add_argument("--frames", default=None,
+                    help="input frames, e.g. 1024,2048 or 1024:45056:512 (the official grid); default 1024..45056")
+    bm.add_argument("--batch", type=int, default=2)
+    bm.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bm.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    bm.add_argument("--repeats", type=int, default=None, help="timed forwards per size (default 5)")
+    bm.add_argument("--budget", type=float, default=None,
+                    help="seconds of timed forwards per size before the repeats stop early (default 60)")
+    bm.add_argument("--max-forward-s", type=float, default=None,
+                    help="skip larger sizes of a variant once one forward took longer than this")
+    bm.add_argument("--attention", default=None, help="SSAST attention variants (default: explicit,sdpa)")
+    bm.add_argument("--backends", default=None, help="SSAMBA scan backends (default: every one the device runs)")
+    bm.add_argument("--threads", type=int, default=None, help="torch/numba threads per measurement (default: all)")
+    bm.add_argument("--mem-limit", default=None,
+                    help="memory one forward may use, e.g. 8GiB (default: 80%% of MemAvailable); more is 'oom'")
+    bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="model config override for every model, e.g. --set depth=4")
+    bm.add_argument("--csv", type=Path, default=None, help="write the rows as CSV")
+    bm.add_argument("--plot", type=Path, default=None, help="write time/memory vs tokens as PNG (needs matplotlib)")
+    bm.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    bm.add_argument("--quick", action="store_true",
+                    help="seconds: 2-layer models, 64 and 128 tokens, 2 runs, 1 thread (options still apply)")
+    bm.add_argument("--profile", action="store_true",
+                    help="instead: where one forward of the first model at the largest size spends its time")
+    bm.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bm.set_defaults(func=_bench_models)
 
     pre = commands.add_parser("pretrain", help="masked spectrogram patch pretraining (resumable; DDP under torchrun)")
     pre.add_argument("--model", required=True, help="registry name, e.g. ssamba_tiny or ssast_tiny")

@@ -459,6 +459,19 @@ class SSAMBAModel(SpectrogramEncoder):
         hidden, residual = tokens, None
         outputs = []
         for i in range(0, len(self.layers), 2):
+            first, second = self.layers[i], self.layers[i + 1]
+            if not (self.training and (first.drop_path.drop_prob > 0 or second.drop_path.drop_prob > 0)):
+                # Without stochastic depth the pair's two residual sums are one sum in two orders, bit for bit:
+                # reverse(residual) + reverse(hidden) = reverse(residual + hidden), and reversing that back gives
+                # residual + hidden again. So the second layer is handed the reversed first sum as its residual
+                # (a block given residual None takes its input as the residual), and the pair's residual is that
+                # sum twice: 3 reversals and 1 addition of (B, K, C) fewer than the loop below, same numbers.
+                hidden_f, residual_f = first(hidden, residual, lengths)
+                hidden_b, _ = second(reverse_padded(residual_f, lengths), None, lengths)
+                hidden = hidden_f + reverse_padded(hidden_b, lengths)
+                residual = residual_f + residual_f
+                outputs.append(residual + hidden)
+                continue
             # AMBAModel's pairing: both layers read the same state; the second one in reversed order.
             hidden_f, residual_f = self.layers[i](hidden, residual, lengths)
             hidden_b, residual_b = self.layers[i + 1](

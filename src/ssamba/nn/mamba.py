@@ -105,13 +105,17 @@ class Mamba(nn.Module):
 
     def _ssm(self, xz: Tensor, suffix: str) -> Tensor:
         """One direction of ``MambaInnerFnNoOutProj``: xz (B, 2E, L) -> y * silu(z) (B, E, L)."""
+        x, z = xz.chunk(2, dim=1)  # (B, E, L) each
+        return self._ssm_xz(x, z, suffix)
+
+    def _ssm_xz(self, x: Tensor, z: Tensor, suffix: str) -> Tensor:
+        """:meth:`_ssm` on x and z given apart (each (B, E, L), any layout) -> y * silu(z) (B, E, L)."""
         conv: nn.Conv1d = getattr(self, "conv1d" + suffix)
         x_proj: nn.Linear = getattr(self, "x_proj" + suffix)
         dt_proj: nn.Linear = getattr(self, "dt_proj" + suffix)
         a_log: Tensor = getattr(self, "A" + suffix + "_log")
         d_skip: Tensor = getattr(self, "D" + suffix)
 
-        x, z = xz.chunk(2, dim=1)  # (B, E, L) each
         x = causal_conv1d_reference(x, conv.weight, conv.bias, activation="silu")  # (B, E, L)
         x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
         dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -154,12 +158,18 @@ class InnerBiMamba(Mamba):
 
     def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
         """hidden_states (B, L, M), lengths (B,) or None -> (B, L, M)."""
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
-        y_f = self._ssm(xz, "")  # (B, E, L)
-        y_b = self._ssm(reverse_padded(xz, lengths, dim=-1), "_b")  # (B, E, L), reversed order
-        y = y_f + reverse_padded(y_b, lengths, dim=-1)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L), a view of the (B, L, 2E) projection
+        x, z = xz.chunk(2, dim=1)  # (B, E, L) each, strided views
+        y_f = self._ssm_xz(x, z, "")  # (B, E, L)
+        # Reversing x and z apart (rather than xz whole) yields them contiguous, in the layout the conv and the
+        # scan read: the copies they would otherwise make of the strided views are the reversal itself.
+        y_b = self._ssm_xz(reverse_padded(x, lengths, dim=-1), reverse_padded(z, lengths, dim=-1), "_b")
+        # Back in forward order; the reversal is a fresh tensor, so the sum and the halving are done in it in place
+        # (a + b == b + a exactly in IEEE arithmetic; autograd needs neither operand of the add nor its result).
+        y = reverse_padded(y_b, lengths, dim=-1)  # (B, E, L)
+        y.add_(y_f)
         if self.divide_out:
-            y = y / 2
+            y.div_(2)
         return self.out_proj(y.transpose(1, 2))
 
 
