@@ -199,7 +199,7 @@ def test_loss_uses_masked_frames_and_feature_penalty():
     ce_m = F.cross_entropy(obj.logits(hidden[sel_m]), targets[sel_m])
     ce_u = F.cross_entropy(obj.logits(hidden[sel_u]), targets[sel_u])
     pen = feats.pow(2).mean()
-    assert float(out.loss) == pytest.approx(float(ce_m + 0.5 * ce_u + 10 * pen), rel=1e-5)
+    assert out.loss.item() == pytest.approx((ce_m + 0.5 * ce_u + 10 * pen).item(), rel=1e-5)
     assert out.n_masked == int(sel_m.sum()) and out.n_unmasked == int(sel_u.sum())
     assert 0.0 <= float(out.acc_m) <= 1.0
 
