@@ -283,8 +283,9 @@ def test_analyze_mi_cli_end_to_end(clips, tmp_path):
     first = result["panels"][0]["models"][0]
     assert len(first["mine"]) == 1 and len(first["mine"][0]["values"]) == 2
     assert 0.0 <= first["discrete"][0]["mean"] <= 1.0 and first["cca"]
-    # the same checkpoint under two labels gives the same numbers: estimates do not depend on what ran before
+    # the same checkpoint under two labels: computed once, reused from out/models/ (same weights, data, settings)
     assert result["panels"][1]["models"][0]["mine"] == first["mine"]
+    assert len(list((out / "models").glob("*.json"))) == 2
     pytest.importorskip("matplotlib")
     assert (out / "mi.png").stat().st_size > 0
     assert main(["analyze", "mi", "--model", "nolabel", "--data", str(clips / "m.json"), "--out", str(out)]) == 2

@@ -12,6 +12,7 @@ I(PCA(X); PCA(T_l)) <= I(X; T_l) (data processing) at identical estimator settin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -140,10 +141,28 @@ def _v_shape(curve: list[dict]) -> dict:
             "interior_min": 0 < i < len(means) - 1}
 
 
+def _cache_key(spec: str, folder: Path, cfg: AnalysisConfig, examples: list, labels) -> str:
+    """Hash of what a model's curves depend on: its architecture (config.json), its weights (unless random:,
+    whose weights follow from the seed), the clips, the labels and the analysis settings."""
+    h = hashlib.sha256()
+    h.update((folder / "config.json").read_bytes())
+    if spec.startswith("random:"):
+        h.update(b"random")
+    else:
+        with open(folder / "model.safetensors", "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+    h.update("\n".join(f"{e.path}|{','.join(e.labels)}" for e in examples).encode())
+    h.update(repr(None if labels is None else labels.mids).encode())
+    return h.hexdigest()[:16]
+
+
 def analyze(panels: list[Panel], manifests: list, *, labels=None, cfg: AnalysisConfig | None = None,
             out: str | Path | None = None, log=print) -> dict:
     """MI curves of every model of every panel on the clips of ``manifests`` (paths or Example lists).
-    Writes ``out/mi.json`` (and ``out/mi.png`` when matplotlib is installed) when ``out`` is given."""
+    Writes ``out/mi.json`` (and ``out/mi.png`` when matplotlib is installed) when ``out`` is given, and each
+    model's results to ``out/models/<hash>.json``, reused by a rerun with the same weights, data and settings."""
     from ssamba.data import read_manifest
 
     cfg = cfg or AnalysisConfig()
@@ -160,6 +179,15 @@ def analyze(panels: list[Panel], manifests: list, *, labels=None, cfg: AnalysisC
             log(f"[{panel.title}] {spec.label}: {spec.spec}")
             t0 = time.perf_counter()
             model, folder = load_model(spec.spec, seed=cfg.seeds[0])
+            cache = None
+            if out is not None:
+                key = _cache_key(spec.spec, folder, cfg, examples, labels)
+                cache = Path(out) / "models" / f"{key}.json"
+                if cache.exists():  # the same weights, data and settings: reuse (rerunning adds models cheaply)
+                    res = json.loads(cache.read_text())
+                    log(f"  reused {cache}")
+                    entry["models"].append({**res, "label": spec.label, "spec": spec.spec})
+                    continue
             features = collect_hidden(model, examples, labels=labels, x=cfg.x, group=cfg.group,
                                       batch_size=cfg.extract_batch_size, max_items=cfg.max_items,
                                       mean=cfg.mean, std=cfg.std)
@@ -168,6 +196,9 @@ def analyze(panels: list[Panel], manifests: list, *, labels=None, cfg: AnalysisC
             res = _analyze_model(features, cfg, log)
             entry["models"].append({"label": spec.label, "spec": spec.spec, "checkpoint": str(folder),
                                     "family": type(model).family, **res})
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(entry["models"][-1]) + "\n")
             del model, features
         result["panels"].append(entry)
     if out is not None:

@@ -179,7 +179,7 @@ def mine(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # fresh, seed-determined initialisation for this estimate only
         net = StatisticsNetwork(x.shape[1], t.shape[1], hidden, layers)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     # cosine decay to 0: the bound is read off the final network, which must not sit on a noisy Adam step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     g = torch.Generator().manual_seed(seed + 1)
@@ -189,8 +189,9 @@ def mine(
     for step in range(1, steps + 1):
         rows = torch.randint(n, (batch,), generator=g)
         shuffled = torch.randint(n, (batch,), generator=g)  # independent draw: a sample of p(x) p(t)
-        joint = net(x_tr[rows], t_tr[rows])
-        marginal = net(x_tr[rows], t_tr[shuffled])
+        # one pass over [joint pairs; shuffled pairs]: (2B,) scores
+        scores = net(x_tr[rows].repeat(2, 1), torch.cat([t_tr[rows], t_tr[shuffled]]))
+        joint, marginal = scores[:batch], scores[batch:]
         lme = _logmeanexp(marginal)
         if ema is None:
             loss = -(joint.mean() - lme)
