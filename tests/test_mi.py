@@ -289,3 +289,33 @@ def test_analyze_mi_cli_end_to_end(clips, tmp_path):
     pytest.importorskip("matplotlib")
     assert (out / "mi.png").stat().st_size > 0
     assert main(["analyze", "mi", "--model", "nolabel", "--data", str(clips / "m.json"), "--out", str(out)]) == 2
+
+
+def test_hubert_ctc_run_exposes_encoder_and_conformer_layers(clips, tmp_path):
+    from safetensors.torch import save_file
+
+    from ssamba.models.hubert import create_hubert
+    from ssamba.tasks.ctc import CTCHead
+
+    torch.manual_seed(0)
+    encoder = create_hubert("extbimamba", "tiny")
+    head = CTCHead(encoder, 6, None, conformer_layers=1, conformer_dim=16, conformer_heads=2, conformer_kernel=3)
+    run = tmp_path / "ctc"
+    (run / "best").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run / "best" / "head.safetensors"))
+    (run / "config.json").write_text(json.dumps({
+        "model": {"encoder": "extbimamba", "size": "tiny", "overrides": {}}, "finetune": {"init": "none"},
+        "head": {"layer": 0, "conformer_layers": 1, "conformer_dim": 16, "conformer_heads": 2,
+                 "conformer_kernel": 3}}))
+    model, folder = hidden.load_model(str(run))
+    assert folder == run / "best"
+    feats = hidden.collect_hidden(model, clips / "m.json", batch_size=4)
+    assert [h.shape[1] for h in feats.layers] == [32, 32, 16]  # two encoder layers, then the Conformer block
+    head.eval()
+    wave = torch.from_numpy(ssamba.load_audio(clips / "c0.wav"))[None]
+    with torch.no_grad():
+        enc = head.encoder.extract_features(wave)[0]
+        ref = head.downstream[0](head.down_proj(head.encoder(wave)[0]), None)
+    n = (8000 - 400) // 320 + 1
+    torch.testing.assert_close(feats.layers[1][:n], enc[1][0])
+    torch.testing.assert_close(feats.layers[2][:n], ref[0])

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ssamba import features as feats
 
-__all__ = ["GROUPS", "LayerFeatures", "collect_hidden", "load_model", "resolve_checkpoint"]
+__all__ = ["GROUPS", "CTCStack", "LayerFeatures", "collect_hidden", "load_model", "resolve_checkpoint"]
 
 GROUPS = ("concat", "mean", "patch")
 
@@ -66,13 +66,79 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"{path}: not a model folder (config.json + model.safetensors) nor a run folder with best/ or final/")
 
 
+class CTCStack(torch.nn.Module):
+    """A HuBERT CTC fine-tuning run (``ssamba hubert finetune``: RUN/config.json + RUN/best/head.safetensors)
+    seen through the ``extract_features`` contract: the encoder's layers up to the one the head reads, then
+    each block of the Conformer downstream (when the head has one), so the MI curve covers the whole stack
+    that feeds the CTC output layer - where Zhang et al. see MI rise again."""
+
+    family = "hubert_ctc"
+    input_kind = "waveform"
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+        self.config = head.encoder.config
+
+    def cnn_features(self, waveforms: Tensor, lengths: Tensor | None = None):
+        return self.head.encoder.cnn_features(waveforms, lengths)
+
+    def extract_features(self, waveforms: Tensor, lengths: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """(B, S), (B,) -> ([encoder layers 1..head.layer, then each Conformer block] (B, T, C_l), frames (B,))."""
+        head = self.head
+        if lengths is None:
+            lengths = torch.full((waveforms.shape[0],), waveforms.shape[1], dtype=torch.long)
+        feats, frame_lengths = head.encoder.cnn_features(waveforms, lengths)
+        layers, final = head.encoder.encode(feats, frame_lengths, None, num_layers=head.layer)
+        if head.downstream is not None:
+            # what the head reads: the chosen layer, or the normalised last one (CTCHead / _select_layer)
+            h = head.down_proj(final if head.layer is None else layers[-1])
+            for block in head.downstream:
+                h = block(h, frame_lengths)
+                layers.append(head.encoder._zero_padding(h, frame_lengths))
+        return layers, frame_lengths
+
+
+def _load_ctc_run(run: Path) -> tuple[CTCStack, Path]:
+    from safetensors.torch import load_file
+
+    from ssamba.models.hubert import create_hubert
+    from ssamba.models.spectrogram import load_pretrained
+    from ssamba.tasks.ctc import CTCHead
+
+    cfg = json.loads((run / "config.json").read_text())
+    head_cfg, model_cfg, init = cfg["head"], cfg["model"], cfg.get("finetune", {}).get("init", "none")
+    state = load_file(str(run / "best" / "head.safetensors"))
+    # the architecture the run trained: its init folder's config, or the model section (weights come from state)
+    encoder = (load_pretrained(init) if init and init != "none"
+               else create_hubert(model_cfg["encoder"], model_cfg["size"], **model_cfg.get("overrides", {})))
+    head = CTCHead(encoder, state["out.weight"].shape[0], head_cfg.get("layer") or None,
+                   head_cfg.get("conformer_layers", 0), head_cfg.get("conformer_dim", 144),
+                   head_cfg.get("conformer_heads", 4), head_cfg.get("conformer_kernel", 15), 0.0)
+    head.load_state_dict(state)
+    return CTCStack(head), run / "best"
+
+
+def _is_ctc_run(path: Path) -> bool:
+    return (path / "best" / "head.safetensors").exists() and (path / "config.json").exists() and \
+        "head" in json.loads((path / "config.json").read_text())
+
+
 def load_model(spec: str, *, seed: int = 0):
-    """Model from a spec: a checkpoint path (see :func:`resolve_checkpoint`), or ``random:PATH`` for the same
-    architecture freshly initialised (seeded; the untrained baseline). Returns (model in eval mode, folder)."""
+    """Model from a spec: a checkpoint path (see :func:`resolve_checkpoint`), a HuBERT CTC fine-tuning run
+    (:class:`CTCStack`: encoder + Conformer downstream), or ``random:PATH`` for the same architecture freshly
+    initialised (seeded; the untrained baseline). Returns (model in eval mode, folder of the weights)."""
     from ssamba.models.spectrogram import FAMILIES, load_pretrained
 
     random_init = spec.startswith("random:")
-    folder = resolve_checkpoint(spec[len("random:"):] if random_init else spec)
+    path = Path(spec[len("random:"):] if random_init else spec)
+    if _is_ctc_run(path) and not (path / "best" / "model.safetensors").exists():
+        if random_init:
+            raise ValueError(f"random:{path}: untrained baselines of CTC runs are not supported; use "
+                             f"random: on the encoder's folder")
+        model, folder = _load_ctc_run(path)
+        return model.eval(), folder
+    folder = resolve_checkpoint(path)
     if not random_init:
         return load_pretrained(folder).eval(), folder
     meta = json.loads((folder / "config.json").read_text())

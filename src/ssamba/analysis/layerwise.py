@@ -145,11 +145,15 @@ def _cache_key(spec: str, folder: Path, cfg: AnalysisConfig, examples: list, lab
     """Hash of what a model's curves depend on: its architecture (config.json), its weights (unless random:,
     whose weights follow from the seed), the clips, the labels and the analysis settings."""
     h = hashlib.sha256()
+    weights = folder / "model.safetensors"
+    if not weights.exists():  # a CTC run: RUN/config.json + RUN/best/head.safetensors
+        weights = folder / "head.safetensors"
+        folder = folder.parent
     h.update((folder / "config.json").read_bytes())
     if spec.startswith("random:"):
         h.update(b"random")
     else:
-        with open(folder / "model.safetensors", "rb") as f:
+        with open(weights, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
