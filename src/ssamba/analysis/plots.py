@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["plot_mi"]
 
@@ -42,6 +43,7 @@ def plot_mi(result: dict, path: str | Path) -> Path:
             if col == 0:
                 ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     cfg = result["config"]
     fig.suptitle(f"MINE (DV, {len(cfg['seeds'])} seeds, PCA {cfg['dims']}, X = {cfg['x']}, frames = {cfg['group']})",
                  fontsize=9)
