@@ -137,6 +137,7 @@ def _pretrain_cfg(corpus, steps: int) -> HuBERTPretrainConfig:
 def test_pretrain_resume_is_exact(corpus, tmp_path):
     full = pretrain_hubert(_pretrain_cfg(corpus, 4), tmp_path / "full")
     assert full["valid"]["chance"] == pytest.approx(1 / 6) and 0 <= full["valid"]["acc_m"] <= 1
+    assert 0 < full["valid"]["prior_acc_m"] <= 1
     part = pretrain_hubert(_pretrain_cfg(corpus, 2), tmp_path / "part")
     assert part["step"] == 2
     resumed = pretrain_hubert(_pretrain_cfg(corpus, 4), tmp_path / "part", resume=True)

@@ -509,6 +509,7 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
     objective = HuBERTPretraining(model, meta["k"], L.final_dim, L.logit_temp, L.masked_weight, L.unmasked_weight,
                                   L.feature_pen_weight)
     rate = meta["label_rate"]
+    majority = int(torch.bincount(torch.cat(train_labels), minlength=meta["k"]).argmax())
     train_set = WaveformSet(cfg.data.train, cfg.data.max_samples, cfg.data.skip_bad, train_labels, rate,
                             random_crop=True, hop=model.config.hop)
     valid_set = None
@@ -525,7 +526,9 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
         t = int(net.model.frame_lengths(torch.tensor([wave.shape[1]]))[0])
         mask = span_mask(frames.cpu(), t, m.prob, m.span, m.min_masks, generator=gen)
         targets = downsample_labels(batch["targets"], rate, net.model.config.frame_rate, t)
-        return obj(wave, lengths, targets, mask)
+        out = obj(wave, lengths, targets, mask)
+        out.masked_targets = targets[mask & (torch.arange(t)[None, :] < frames.cpu()[:, None])]  # for the prior
+        return out
 
     def step_fn(model, batch, step, micro, rank, device):
         out = forward(model, batch, _mask_generator(cfg.train.seed, step, rank, micro), device)
@@ -537,16 +540,21 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
         obj.eval()
         loader = torch.utils.data.DataLoader(valid_set, batch_size=cfg.train.batch_size, collate_fn=valid_set.collate)
         gen = torch.Generator().manual_seed(1234)  # the same masks at every validation
-        tot = {"loss_m": 0.0, "acc_m": 0.0, "acc_u": 0.0}
+        tot = {"loss_m": 0.0, "acc_m": 0.0, "acc_u": 0.0, "prior": 0.0}
         n_m = n_u = 0
         for batch in loader:
             out = forward(obj, batch, gen, next(obj.parameters()).device)
+            tgt = out.masked_targets
+            tot["prior"] += float((tgt[tgt != IGNORE] == majority).sum())
             tot["loss_m"] += float(out.loss_m) * out.n_masked
             tot["acc_m"] += float(out.acc_m) * out.n_masked
             tot["acc_u"] += float(out.acc_u) * out.n_unmasked
             n_m, n_u = n_m + out.n_masked, n_u + out.n_unmasked
         return {"loss_m": tot["loss_m"] / max(n_m, 1), "acc_m": tot["acc_m"] / max(n_m, 1),
-                "acc_u": tot["acc_u"] / max(n_u, 1), "chance": 1.0 / meta["k"]}
+                "acc_u": tot["acc_u"] / max(n_u, 1), "chance": 1.0 / meta["k"],
+                # accuracy of always predicting the most frequent training cluster: the bar a model that only
+                # learnt the label prior reaches (1/K is far below it for k-means labels)
+                "prior_acc_m": tot["prior"] / max(n_m, 1)}
 
     result = _run_loop(run, cfg, objective, train_set, step_fn, eval_fn if valid_set is not None else None, resume)
     if result["interrupted"] is None and result["main"]:
