@@ -234,6 +234,7 @@ def test_cli_finetune_then_evaluate(task, tmp_path, capsys):
     assert "optim.lrr" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kfold(tmp_path):
     train, valid, labels = make_task(tmp_path, per_class=4, folds=True)
     cfg = tiny_cfg(train, valid, labels, steps=1)
@@ -248,6 +249,7 @@ def test_kfold(tmp_path):
         finetune(cfg, tmp_path / "run3", log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_compare_table(tmp_path):
     from ssamba.tasks.compare import CompareBudget, compare
 
