@@ -305,7 +305,8 @@ def _finetune_compare(args) -> int:
     budget = CompareBudget(finetune_steps=args.finetune_steps, probe_epochs=args.probe_epochs,
                            batch_size=args.batch_size, seed=args.seed)  # fmt: skip
     try:
-        compare(args.manifests, args.out, inits, tasks=args.tasks, modes=args.modes, budget=budget)
+        compare(args.manifests, args.out, inits, tasks=args.tasks, modes=args.modes, budget=budget,
+                run_missing=not args.table_only)
     except ValueError as e:
         print(f"ssamba finetune-compare: error: {e}", file=sys.stderr)
         return 2
@@ -566,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--probe-epochs", type=int, default=30)
     fc.add_argument("--batch-size", type=int, default=16)
     fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--table-only", action="store_true", help="tabulate the finished cells, run nothing")
     fc.set_defaults(func=_finetune_compare)
 
     em = commands.add_parser("embed", help="per-layer representations of audio files (.npy / .safetensors)")

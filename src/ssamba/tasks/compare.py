@@ -93,10 +93,11 @@ def _scratch_overrides(init_path: str) -> tuple[dict, InitSource]:
 
 def compare(manifests: str | os.PathLike, out: str | os.PathLike, inits: dict[str, str],
             tasks=("kws", "sid", "sounds"), modes=("probe", "finetune"), budget: CompareBudget | None = None,
-            log=print) -> list[dict]:  # fmt: skip
+            log=print, run_missing: bool = True) -> list[dict]:  # fmt: skip
     """Run every (task, model, pretrained|scratch, mode) cell; returns the rows of the table.
 
-    manifests: the demo corpus's manifests folder; inits: {model name: pretraining run or folder}."""
+    manifests: the demo corpus's manifests folder; inits: {model name: pretraining run or folder};
+    run_missing=False only tabulates the cells already finished (with this configuration)."""
     budget = budget or CompareBudget()
     manifests, out = Path(manifests), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +121,8 @@ def compare(manifests: str | os.PathLike, out: str | os.PathLike, inits: dict[st
             json.dumps(cfg.to_dict()))  # a finished cell is reused only when its configuration is this one
         if same and (run / "metrics.json").exists():
             result = json.loads((run / "metrics.json").read_text())
+        elif not run_missing:
+            continue
         else:
             tick = time.perf_counter()
             log(f"[{time.perf_counter() - started:6.0f} s] {task} {model} {which} {mode} ...")
