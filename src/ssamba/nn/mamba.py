@@ -30,7 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.nn.layers import reverse_padded
-from ssamba.ops.selective_scan import causal_conv1d_reference, selective_scan
+from ssamba.ops.selective_scan import (
+    causal_conv1d_reference,
+    resolve_backend,
+    selective_scan,
+)
 
 __all__ = ["ExtBiMamba", "InnerBiMamba", "Mamba"]
 
@@ -39,6 +43,22 @@ def _at_least_f32(t: Tensor) -> Tensor:
     # mamba_simple keeps A and D in float32 (``self.A_log.float()``) even for half-precision models;
     # float64 stays float64 so that gradient checks run in double precision.
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _fast_layout(t: Tensor) -> bool:
+    """Whether the mixers may use their layout-optimised projections for input ``t``: with every scan backend but
+    the reference. The products are the same, grouped differently, so they round differently (~1e-7 relative);
+    the reference path keeps the official operation order and reproduces the official numbers bit for bit."""
+    return resolve_backend(t) != "reference"
+
+
+_channel_major = _fast_layout  # the same decision, asked about a (B, E, L) tensor
+
+
+def _left_mm(w: Tensor, t: Tensor) -> Tensor:
+    """w (P, Q) @ t (B, Q, L) -> (B, P, L), contiguous. ``bmm`` on the expanded weight: ``matmul`` would fold
+    the batch into a transposed (B*L, Q) operand, which costs a copy and returns a strided result."""
+    return torch.bmm(w.unsqueeze(0).expand(t.shape[0], -1, -1), t)
 
 
 class Mamba(nn.Module):
@@ -117,16 +137,25 @@ class Mamba(nn.Module):
         d_skip: Tensor = getattr(self, "D" + suffix)
 
         x = causal_conv1d_reference(x, conv.weight, conv.bias, activation="silu")  # (B, E, L)
-        x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
-        dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # dt_proj without its bias: the scan adds it before softplus (delta_bias), as the fused kernel does.
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L)
+        if _channel_major(x):
+            # Fast path: the projections multiply from the left, so x_dbl, B, C and delta come out channel-major
+            # (B, *, L), the layout the scan reads, instead of token-major with a transposing copy per tensor.
+            x_dbl = _left_mm(x_proj.weight, x)  # (B, R + 2N, L)
+            dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+            delta = _left_mm(dt_proj.weight, dt)  # (B, E, L); dt_proj's bias is the scan's delta_bias
+        else:
+            # Faithful path (the reference backend): the official order of operations, bit for bit.
+            x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
+            dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            # dt_proj without its bias: the scan adds it before softplus (delta_bias), as the fused kernel does.
+            delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L)
+            b_in, c_in = b_in.transpose(1, 2), c_in.transpose(1, 2)  # (B, N, L)
         return selective_scan(
             x,
             delta,
             -torch.exp(_at_least_f32(a_log)),  # A (E, N)
-            b_in.transpose(1, 2),  # (B, N, L)
-            c_in.transpose(1, 2),  # (B, N, L)
+            b_in,  # (B, N, L)
+            c_in,  # (B, N, L)
             D=_at_least_f32(d_skip),
             z=z,
             delta_bias=_at_least_f32(dt_proj.bias),
@@ -136,8 +165,33 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
         """hidden_states (B, L, M) -> (B, L, M). ``lengths`` is accepted for interface parity with the
         bidirectional mixers; a causal mixer needs no mask for right padding."""
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
-        y = self._ssm(xz, "")  # (B, E, L)
+        x, z = self._in_proj(hidden_states)  # (B, E, L) each
+        return self._out_proj(self._ssm_xz(x, z, ""))
+
+    def _in_proj(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden_states (B, L, M) -> x, z (B, E, L) each. Fast path (every backend but the reference): two
+        left-multiplications give x and z each contiguous channel-major, so the conv and the scan read them
+        without a copy (``mamba_simple`` likewise computes ``in_proj.weight @ hidden^T``). Faithful path: the
+        official ``in_proj(h)`` in token-major layout, transposed as views."""
+        if _fast_layout(hidden_states):
+            h_t = hidden_states.transpose(1, 2)  # (B, M, L), a view
+            w, bias = self.in_proj.weight, self.in_proj.bias
+            e = self.d_inner
+            x, z = _left_mm(w[:e], h_t), _left_mm(w[e:], h_t)  # (B, E, L) each, contiguous
+            if bias is not None:
+                x, z = x + bias[:e, None], z + bias[e:, None]
+            return x, z
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L), a view of the (B, L, 2E) projection
+        x, z = xz.chunk(2, dim=1)  # (B, E, L) each, strided views
+        return x, z
+
+    def _out_proj(self, y: Tensor) -> Tensor:
+        """y (B, E, L) -> out_proj (B, L, M). Fast path: a batched product with y's transpose as a BLAS operand
+        (no contiguous copy of the (B, L, E) view); faithful path: ``out_proj(y.transpose(1, 2))``."""
+        if _fast_layout(y):
+            w = self.out_proj.weight  # (M, E)
+            out = torch.bmm(y.transpose(1, 2), w.t().unsqueeze(0).expand(y.shape[0], -1, -1))  # (B, L, M)
+            return out if self.out_proj.bias is None else out + self.out_proj.bias
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -158,11 +212,10 @@ class InnerBiMamba(Mamba):
 
     def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
         """hidden_states (B, L, M), lengths (B,) or None -> (B, L, M)."""
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L), a view of the (B, L, 2E) projection
-        x, z = xz.chunk(2, dim=1)  # (B, E, L) each, strided views
+        x, z = self._in_proj(hidden_states)  # (B, E, L) each
         y_f = self._ssm_xz(x, z, "")  # (B, E, L)
-        # Reversing x and z apart (rather than xz whole) yields them contiguous, in the layout the conv and the
-        # scan read: the copies they would otherwise make of the strided views are the reversal itself.
+        # x and z are reversed apart: on the fast path they are contiguous and so are their reversals; on the
+        # faithful path two half-size reversals of the strided views cost less than one of the whole xz.
         y_b = self._ssm_xz(reverse_padded(x, lengths, dim=-1), reverse_padded(z, lengths, dim=-1), "_b")
         # Back in forward order; the reversal is a fresh tensor, so the sum and the halving are done in it in place
         # (a + b == b + a exactly in IEEE arithmetic; autograd needs neither operand of the add nor its result).
@@ -170,7 +223,7 @@ class InnerBiMamba(Mamba):
         y.add_(y_f)
         if self.divide_out:
             y.div_(2)
-        return self.out_proj(y.transpose(1, 2))
+        return self._out_proj(y)
 
 
 class ExtBiMamba(nn.Module):
