@@ -701,7 +701,8 @@ def write_csv(result: dict[str, Any], path: str | Path) -> Path:
 
 def plot(result: dict[str, Any], path: str | Path) -> Path:
     """Time vs tokens and peak memory vs tokens, one line per model variant (the paper's two efficiency
-    figures side by side); variants that ran out of memory end at their last completed size, marked "x".
+    figures side by side, with the CPU time between them when the rows have it); variants that ran out of
+    memory end at their last completed size, marked "x".
     Needs matplotlib (``pip install 'ssamba[plot]'``)."""
     try:
         import matplotlib
@@ -712,7 +713,10 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
         raise ImportError("plotting needs matplotlib: pip install 'ssamba[plot]'") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    has_cpu = any(r.get("cpu_time_s") for r in result["rows"])
+    fig, axes = plt.subplots(1, 3 if has_cpu else 2, figsize=(16 if has_cpu else 11, 4.2))
+    ax_t, ax_m = axes[0], axes[-1]
+    ax_c = axes[1] if has_cpu else None
     lines: dict[str, list[dict[str, Any]]] = {}
     for r in result["rows"]:
         lines.setdefault(f"{r['model']} [{r['backend'] or r['variant']}]", []).append(r)
@@ -725,12 +729,17 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
         tokens = [r["tokens"] for r in done]
         (line,) = ax_t.plot(tokens, [r["time_s"] for r in done], marker="o", ms=3, label=name)
         ax_m.plot(tokens, [r["peak_mem_bytes"] / 2**30 for r in done], marker="o", ms=3, color=line.get_color())
+        if ax_c is not None and all(r.get("cpu_time_s") for r in done):
+            ax_c.plot(tokens, [r["cpu_time_s"] for r in done], marker="o", ms=3, color=line.get_color())
         if oom:
             ax_t.plot(tokens[-1], done[-1]["time_s"], "x", ms=9, color=line.get_color())
             ax_m.plot(tokens[-1], done[-1]["peak_mem_bytes"] / 2**30, "x", ms=9, color=line.get_color())
     ax_t.set(xlabel="input tokens", ylabel="batch inference time (s)", title="Inference time")
     ax_m.set(xlabel="input tokens", ylabel="peak memory (GiB)", title="Peak memory of the forward")
-    for ax in (ax_t, ax_m):
+    if ax_c is not None:
+        ax_c.set(xlabel="input tokens", ylabel="CPU time of the process (s)",
+                 title="CPU time (insensitive to other processes' load)")  # fmt: skip
+    for ax in axes:
         ax.grid(alpha=0.3)
     ax_t.legend(fontsize=8)
     cfg = result["config"]
