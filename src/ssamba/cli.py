@@ -347,6 +347,12 @@ def _analyze_mi(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)  # small MLPs: extra threads only contend on a shared CPU
+        try:  # numba's scan threads keep competing with torch after SSAMBA's forward (measured 8x slower MINE)
+            import numba
+
+            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
     panels: list[Panel] = []
     for kind, value in getattr(args, "mi_entries", None) or []:
         if kind == "panel":
