@@ -30,6 +30,7 @@ import torch
 
 from ssamba import features as feats
 from ssamba.data.datasets import AudioDataset, pad_collate
+from ssamba.data.manifest import read_manifest
 from ssamba.models.hubert import HuBERTModel, create_hubert
 from ssamba.pretrain.hubert_loss import IGNORE, HuBERTPretraining, downsample_labels, span_mask
 from ssamba.pretrain.kmeans import read_labels_for
@@ -618,7 +619,12 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
         return ds
 
     train_set = waveset(cfg.data.train)
-    texts = [ex.extra["transcript"] for ex in train_set.base.examples]
+    # the unit inventory (not the labels) of every split given, so that a valid/test character unseen in the
+    # small training set is an error count, not a crash
+    texts = [ex.extra.get("transcript", "") for ex in train_set.base.examples]
+    for extra in (cfg.data.valid, cfg.test):
+        if extra:
+            texts += [ex.extra.get("transcript", "") for ex in read_manifest(extra)]
     vocab = CharVocab.from_transcripts([text_map(t) for t in texts] if text_map else texts)
     encoder = _encoder(cfg)
     head = CTCHead(encoder, len(vocab), h.layer or None, h.conformer_layers, h.conformer_dim, h.conformer_heads,
