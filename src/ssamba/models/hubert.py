@@ -33,7 +33,6 @@ reverse only each item's valid part.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +56,6 @@ __all__ = [
 ]
 
 ENCODERS = ("transformer", "extbimamba", "innbimamba", "conbimamba")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 SAMPLE_RATE = 16000
 
 
@@ -349,15 +346,9 @@ class HuBERTModel(nn.Module):
     # -- checkpoints
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` ({"family": "hubert", "config"}) and ``model.safetensors``."""
-        from safetensors.torch import save_file
+        from ssamba.models.spectrogram import save_model_folder
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"family": self.family, "config": self.config.to_dict()}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "family": self.family})
-        return directory
+        return save_model_folder(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> HuBERTModel:

@@ -357,15 +357,7 @@ class SpectrogramEncoder(nn.Module):
     # -- checkpoints
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` ({"family", "config"}) and ``model.safetensors`` into ``directory``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"family": self.family, "config": self.config.to_dict()}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "family": self.family})
-        return directory
+        return save_model_folder(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> SpectrogramEncoder:
@@ -544,6 +536,20 @@ class SSASTModel(SpectrogramEncoder):
 # ---------------------------------------------------------------------------------- loading and registry
 
 FAMILIES: dict[str, type[SpectrogramEncoder]] = {"ssamba": SSAMBAModel, "ssast": SSASTModel}
+
+
+def save_model_folder(model: nn.Module, directory: str | Path) -> Path:
+    """The folder every family saves (``save_pretrained``) and ``load_pretrained`` reads: ``config.json``
+    ({"family": model.family, "config": model.config.to_dict()}) and ``model.safetensors`` (nothing pickled)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"family": model.family, "config": model.config.to_dict()}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "family": model.family})
+    return directory
 
 
 def register_family(model_cls: type) -> type:
