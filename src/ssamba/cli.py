@@ -638,6 +638,17 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input or a missing system tool: one clear line naming the culprit, no traceback.
         print(f"ssamba: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under torchrun, shut the process group down before the interpreter exits: left to interpreter
+    teardown, gloo's threads can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     sys.exit(main())
