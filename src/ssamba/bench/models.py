@@ -300,13 +300,16 @@ def _tokens(model_cfg, frames: int) -> int:
 # ------------------------------------------------------------------------------------------------ the child
 
 
-def _is_oom(error: BaseException) -> bool:
+def _is_oom(error: BaseException, capped: bool = False) -> bool:
+    """Whether a cell failed for want of memory. Under our own address-space cap (``capped``), oneDNN reports a
+    failed allocation for a new primitive only as "could not create a primitive"."""
     if isinstance(error, MemoryError):
         return True
     oom_type = getattr(torch, "OutOfMemoryError", None)
     if oom_type is not None and isinstance(error, oom_type):
         return True
-    return any(m in str(error).lower() for m in _OOM_MARKERS)
+    text = str(error).lower()
+    return any(m in text for m in _OOM_MARKERS) or (capped and "could not create a primitive" in text)
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -388,7 +391,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(status="ok", time_s=statistics.median(times), times_s=times,
                       cpu_time_s=statistics.median(cpu_times), peak_mem_bytes=int(peak))  # fmt: skip
     except Exception as e:  # noqa: BLE001 - every failure of the cell is recorded, not raised
-        result.update(status="oom" if _is_oom(e) else "error", note=f"{type(e).__name__}: {str(e)[:300]}")
+        capped = device.type == "cpu" and spec["mem_limit_bytes"] is not None
+        result.update(status="oom" if _is_oom(e, capped) else "error", note=f"{type(e).__name__}: {str(e)[:300]}")
     return result
 
 

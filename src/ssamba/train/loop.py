@@ -267,7 +267,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
                 offset, k = int(present[:start].sum()), batch["lengths"].shape[0]
                 rows = slice(offset, offset + k)
                 sync = a == len(micro) - 1 or not ddp.enabled
-                if k == 0 and not sync:
+                if k == 0 and (not sync or not ddp.enabled):  # nothing to add to the gradients
                     continue
                 if k == 0:  # every item left out, but DDP needs this process's gradients: a zero-weight pass
                     x = torch.zeros(1, cfg.data.target_length, encoder.config.input_fdim, device=device)
