@@ -74,7 +74,8 @@ def make_plan(budget_minutes: float) -> Plan:
         return Plan(b, {"embed_dim": 48, "depth": 2}, pretrain_steps=max(4, round(b * 8)), finetune_steps=2,
                     probe_epochs=2, hubert_steps=2, ctc_steps=2, hubert_k=8, hubert_batch=2, bench_frames=(128, 256),
                     mi_seeds=1, mi_steps=30, batch_size=8)
-    # 20 minutes on 2 cores: ~5 pretraining, ~7 downstream, ~1 benchmark, ~2 MI, ~4 HuBERT
+    # 20 minutes: measured 12.3 min on an idle 2-core CPU (5 pretraining, 3.5 downstream, 1 benchmark,
+    # 1.5 MI, 0.7 HuBERT; benchmarks/RESULTS.md), leaving room for slower or busier machines
     return Plan(b, {}, pretrain_steps=round(b * 5), finetune_steps=round(b * 0.8), hubert_steps=round(b * 2),
                 ctc_steps=round(b * 3))
 
