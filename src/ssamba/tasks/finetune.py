@@ -29,7 +29,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from ssamba.nn.layers import lengths_to_mask
 from ssamba.tasks.metrics import confusion_matrix, markdown_table, plot_confusion, task_metrics
 from ssamba.tasks.recipes import FinetuneConfig
 from ssamba.train.checkpoint import (
+    catch_stop_signals,
     latest_checkpoint,
     load_checkpoint,
     optimizer_state,
@@ -587,12 +587,7 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
                  "config": cfg.to_dict()}  # fmt: skip
         write_checkpoint(ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, state, cfg.log.keep_last)
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop, restore_signals = catch_stop_signals()
     bar = None
     if cfg.log.progress:
         from tqdm import tqdm
@@ -666,8 +661,7 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
             if interrupted:
                 return {"interrupted": stop["signal"], "step": step}
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        restore_signals()
         if bar is not None:
             bar.close()
         metrics_log.close()

@@ -13,6 +13,8 @@ import os
 import random
 import re
 import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ __all__ = [
     "restore_optimizer",
     "restore_rng",
     "rng_state",
+    "catch_stop_signals",
     "save_checkpoint",
 ]
 
@@ -124,3 +127,21 @@ def restore_rng(tensors: dict, meta: dict, mask_gen: torch.Generator) -> None:
         for i in range(torch.cuda.device_count()):
             if f"rng.cuda{i}" in tensors:
                 torch.cuda.set_rng_state(tensors[f"rng.cuda{i}"], i)
+
+
+def catch_stop_signals() -> tuple[dict, Callable[[], None]]:
+    """SIGINT / SIGTERM no longer kill a training loop: they set ``stop["signal"]`` (the signal's name), so the
+    loop finishes its step, saves a checkpoint and exits. Returns (stop, restore); call ``restore()`` in the
+    loop's ``finally`` to put the previous handlers back."""
+    stop: dict = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    return stop, restore

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import random
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from ssamba.pretrain.hubert_loss import IGNORE, HuBERTPretraining, downsample_la
 from ssamba.pretrain.kmeans import read_labels_for
 from ssamba.tasks.ctc import CharVocab, CTCHead, ReconstructionHead, error_rates, greedy_decode
 from ssamba.train.checkpoint import (
+    catch_stop_signals,
     latest_checkpoint,
     load_checkpoint,
     optimizer_state,
@@ -405,12 +405,7 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
                      "last_eval": last_eval, "config": cfg.to_dict()}
             save_checkpoint(ckpt_dir, step, {**tensors, **opt_t, **rng_t}, state, cfg.log.keep_last)
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop, restore_signals = catch_stop_signals()
     bar = None
     if ddp.main and cfg.log.progress:
         from tqdm import tqdm
@@ -476,8 +471,7 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
             if interrupted:
                 return {"step": step, "interrupted": stop["signal"] or "peer", "valid": last_eval}
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        restore_signals()
         if bar is not None:
             bar.close()
         if log is not None:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ssamba.models import create_model
 from ssamba.pretrain.masking import cluster_patch_mask, frame_mask, mask_count
 from ssamba.pretrain.mspm import MaskedPatchPretraining
 from ssamba.train.checkpoint import (
+    catch_stop_signals,
     latest_checkpoint,
     load_checkpoint,
     optimizer_state,
@@ -209,12 +209,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
         write_checkpoint(ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, state, cfg.log.keep_last)
 
     # -- SIGINT / SIGTERM: finish the current step, save, exit
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop, restore_signals = catch_stop_signals()
 
     bar = None
     if ddp.main and cfg.log.progress:
@@ -327,8 +322,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
             if interrupted:
                 return {"step": step, "interrupted": stop["signal"] or "peer", "final": None}
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        restore_signals()
         if bar is not None:
             bar.close()
         if log is not None:
