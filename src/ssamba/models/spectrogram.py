@@ -245,8 +245,9 @@ class SpectrogramEncoder(nn.Module):
         """(B, S, C) tokens prepended to the patches."""
         return self.cls_token.expand(batch, -1, -1)
 
-    def _backbone(self, tokens: Tensor, lengths: Tensor | None) -> tuple[list[Tensor], Tensor]:
-        """tokens (B, K, C), lengths (B,) or None (no padding) -> (per-layer outputs, final tokens)."""
+    def _backbone(self, tokens: Tensor, lengths: Tensor | None, keep_layers: bool) -> tuple[list[Tensor], Tensor]:
+        """tokens (B, K, C), lengths (B,) or None (no padding) -> (per-layer outputs, or [] without
+        ``keep_layers``; final tokens)."""
         raise NotImplementedError
 
     # -- input side
@@ -307,14 +308,18 @@ class SpectrogramEncoder(nn.Module):
         tokens = torch.cat([self.special_tokens(patches.shape[0]), patches], dim=1) + pos
         return self.pos_drop(tokens)
 
-    def _encode(self, patches: Tensor, patch_lengths: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Packed patches (B, N, C) -> (per-layer outputs, final tokens (B, K, C), token lengths (B,))."""
+    def _encode(
+        self, patches: Tensor, patch_lengths: Tensor | None, keep_layers: bool = False
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Packed patches (B, N, C) -> (per-layer outputs, final tokens (B, K, C), token lengths (B,)). The
+        per-layer list is empty unless ``keep_layers``: holding every layer's (B, K, C) output until the end of the
+        forward would cost depth x B x K x C of memory that only feature extraction needs."""
         if patch_lengths is None:
             patch_lengths = torch.full((patches.shape[0],), patches.shape[1], device=patches.device, dtype=torch.long)
         tokens = self._add_tokens(patches, patch_lengths)
         token_lengths = patch_lengths + self.num_special_tokens
         padded = not bool((token_lengths == tokens.shape[1]).all())
-        layers, final = self._backbone(tokens, token_lengths if padded else None)
+        layers, final = self._backbone(tokens, token_lengths if padded else None, keep_layers)
         return layers, final, token_lengths
 
     # -- public forward API
@@ -330,7 +335,7 @@ class SpectrogramEncoder(nn.Module):
         forward/backward layer pair (depth / 2 entries, residual + hidden after the pair), for SSAST one per
         block. The normalised final tokens come from ``forward_features``. Padding positions are zero.
         """
-        layers, _, token_lengths = self._encode(*self.embed_patches(x, lengths))
+        layers, _, token_lengths = self._encode(*self.embed_patches(x, lengths), keep_layers=True)
         return [self._zero_padding(h, token_lengths) for h in layers], token_lengths
 
     def forward_features(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -447,7 +452,7 @@ class SSAMBAModel(SpectrogramEncoder):
             for layer in self.layers:
                 layer.mixer.out_proj.weight.div_(math.sqrt(c.depth))
 
-    def _backbone(self, tokens: Tensor, lengths: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    def _backbone(self, tokens: Tensor, lengths: Tensor | None, keep_layers: bool) -> tuple[list[Tensor], Tensor]:
         hidden, residual = tokens, None
         outputs = []
         for i in range(0, len(self.layers), 2):
@@ -462,7 +467,8 @@ class SSAMBAModel(SpectrogramEncoder):
                 hidden_b, _ = second(reverse_padded(residual_f, lengths), None, lengths)
                 hidden = hidden_f + reverse_padded(hidden_b, lengths)
                 residual = residual_f + residual_f
-                outputs.append(residual + hidden)
+                if keep_layers:
+                    outputs.append(residual + hidden)
                 continue
             # AMBAModel's pairing: both layers read the same state; the second one in reversed order.
             hidden_f, residual_f = self.layers[i](hidden, residual, lengths)
@@ -473,7 +479,8 @@ class SSAMBAModel(SpectrogramEncoder):
             )
             hidden = hidden_f + reverse_padded(hidden_b, lengths)
             residual = residual_f + reverse_padded(residual_b, lengths)
-            outputs.append(residual + hidden)
+            if keep_layers:
+                outputs.append(residual + hidden)
         residual = residual + self.drop_path(hidden)
         hidden = self.norm_f(residual)
         return outputs, self.norm_f(hidden)  # norm_f twice, as AMBAModel's forward
@@ -523,13 +530,14 @@ class SSASTModel(SpectrogramEncoder):
         tokens = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
         return torch.cat(tokens, dim=1).expand(batch, -1, -1)
 
-    def _backbone(self, tokens: Tensor, lengths: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    def _backbone(self, tokens: Tensor, lengths: Tensor | None, keep_layers: bool) -> tuple[list[Tensor], Tensor]:
         key_mask = None if lengths is None else lengths_to_mask(lengths, tokens.shape[1])
         outputs = []
         x = tokens
         for block in self.blocks:
             x = block(x, key_mask)
-            outputs.append(x)
+            if keep_layers:
+                outputs.append(x)
         return outputs, self.norm(x)
 
 

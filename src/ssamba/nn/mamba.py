@@ -130,28 +130,35 @@ class Mamba(nn.Module):
 
     def _ssm_xz(self, x: Tensor, z: Tensor, suffix: str) -> Tensor:
         """:meth:`_ssm` on x and z given apart (each (B, E, L), any layout) -> y * silu(z) (B, E, L)."""
+        return self._scan(self._conv(x, suffix), z, suffix)
+
+    def _conv(self, x: Tensor, suffix: str) -> Tensor:
+        """x (B, E, L) -> SiLU(causal depthwise conv1d(x)) (B, E, L), contiguous: the scan's input u."""
         conv: nn.Conv1d = getattr(self, "conv1d" + suffix)
+        return causal_conv1d_reference(x, conv.weight, conv.bias, activation="silu")
+
+    def _scan(self, u: Tensor, z: Tensor, suffix: str) -> Tensor:
+        """u: the conv's output (B, E, L), gate z (B, E, L) -> x_proj, dt_proj, selective scan -> (B, E, L)."""
         x_proj: nn.Linear = getattr(self, "x_proj" + suffix)
         dt_proj: nn.Linear = getattr(self, "dt_proj" + suffix)
         a_log: Tensor = getattr(self, "A" + suffix + "_log")
         d_skip: Tensor = getattr(self, "D" + suffix)
 
-        x = causal_conv1d_reference(x, conv.weight, conv.bias, activation="silu")  # (B, E, L)
-        if _channel_major(x):
+        if _channel_major(u):
             # Fast path: the projections multiply from the left, so x_dbl, B, C and delta come out channel-major
             # (B, *, L), the layout the scan reads, instead of token-major with a transposing copy per tensor.
-            x_dbl = _left_mm(x_proj.weight, x)  # (B, R + 2N, L)
+            x_dbl = _left_mm(x_proj.weight, u)  # (B, R + 2N, L)
             dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
             delta = _left_mm(dt_proj.weight, dt)  # (B, E, L); dt_proj's bias is the scan's delta_bias
         else:
             # Faithful path (the reference backend): the official order of operations, bit for bit.
-            x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
+            x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
             dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
             # dt_proj without its bias: the scan adds it before softplus (delta_bias), as the fused kernel does.
             delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L)
             b_in, c_in = b_in.transpose(1, 2), c_in.transpose(1, 2)  # (B, N, L)
         return selective_scan(
-            x,
+            u,
             delta,
             -torch.exp(_at_least_f32(a_log)),  # A (E, N)
             b_in,  # (B, N, L)
@@ -214,12 +221,21 @@ class InnerBiMamba(Mamba):
         """hidden_states (B, L, M), lengths (B,) or None -> (B, L, M)."""
         x, z = self._in_proj(hidden_states)  # (B, E, L) each
         y_f = self._ssm_xz(x, z, "")  # (B, E, L)
-        # x and z are reversed apart: on the fast path they are contiguous and so are their reversals; on the
-        # faithful path two half-size reversals of the strided views cost less than one of the whole xz.
-        y_b = self._ssm_xz(reverse_padded(x, lengths, dim=-1), reverse_padded(z, lengths, dim=-1), "_b")
+        # The backward direction. x and z are reversed apart: on the fast path they are contiguous and so are their
+        # reversals; on the faithful path two half-size reversals of the strided views cost less than one of the
+        # whole xz. Each input is dropped as soon as what replaces it exists (x by its reversal, that by its
+        # convolution, z by its reversal), so at most five (B, E, L) tensors are alive at once, y_f included, as in
+        # the forward direction, instead of eight (this only matters without autograd, which keeps what it needs).
+        x = reverse_padded(x, lengths, dim=-1)
+        u_b = self._conv(x, "_b")
+        del x
+        z = reverse_padded(z, lengths, dim=-1)
+        y_b = self._scan(u_b, z, "_b")
+        del u_b, z
         # Back in forward order; the reversal is a fresh tensor, so the sum and the halving are done in it in place
         # (a + b == b + a exactly in IEEE arithmetic; autograd needs neither operand of the add nor its result).
         y = reverse_padded(y_b, lengths, dim=-1)  # (B, E, L)
+        del y_b
         y.add_(y_f)
         if self.divide_out:
             y.div_(2)
