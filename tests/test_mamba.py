@@ -2,6 +2,7 @@
 
 import copy
 import math
+import weakref
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ssamba.nn import ExtBiMamba, InnerBiMamba, Mamba, reverse_padded
+from ssamba.ops.selective_scan import use_backend
 
 
 def direction_ref(m, xz, suffix):
@@ -149,3 +151,45 @@ def test_reverse_padded():
 def test_ext_bimamba_rejects_unknown_combine():
     with pytest.raises(ValueError, match="combine"):
         ExtBiMamba(8, combine="mean")
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the mode and still alive (each storage counted once;
+    freed when its Python object dies). Views of an op's inputs (parameters, the input) are not new memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = set(), 0, 0
+
+    def _free(self, key, nbytes):
+        self.live.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key not in self.live and key not in inputs:
+                    self.live.add(key)
+                    self.current += nbytes
+                    weakref.finalize(storage, self._free, key, nbytes)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def test_inner_bimamba_inference_holds_at_most_five_activations():
+    # Without autograd the bidirectional mixer releases each forward-order tensor once its replacement exists:
+    # at most five (B, E, L) tensors (x or its reversal, z, the scan's u, delta and output, or y_f) at once,
+    # plus the small x_dbl / B / C ones. Holding x and z through the backward scan cost eight. (The reference
+    # scan materialises (B, E, N, L) tensors, so this is about the fused backends.)
+    torch.manual_seed(0)
+    m = InnerBiMamba(192).eval()  # E = 384: the SSAMBA-tiny width, where x_dbl is small beside E
+    hidden = torch.randn(2, 256, 192)
+    unit = 2 * m.d_inner * 256 * 4  # bytes of one (B, E, L) float32 tensor
+    with torch.no_grad(), use_backend("cpu"), _LiveBytes() as mode:
+        m(hidden)
+    assert mode.peak <= 6 * unit, mode.peak / unit
