@@ -50,7 +50,8 @@ def test_demo_end_to_end_at_a_tiny_budget(tmp_path, monkeypatch, capsys):
     mi = json.loads((tmp_path / "mi" / "mi.json").read_text())
     section = _section(report, "Layer-wise mutual information")
     assert re.search(r"\| ssamba_tiny \| pretrained \| -?[\d.]+±[\d.]+", section)
-    assert len(mi["panels"]) == len(demo.PRETRAIN_MODELS)
+    assert len(mi["panels"]) == len(demo.PRETRAIN_MODELS) + 1  # + Mamba-HuBERT: CTC alone vs + Conformer
+    assert re.search(r"\| Mamba-HuBERT \| CTC \+ Conformer \| -?[\d.]+±[\d.]+", section)
 
     # HuBERT: the table's CER is the CTC run's
     hub = _section(report, "Mamba-HuBERT")

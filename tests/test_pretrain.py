@@ -52,6 +52,15 @@ def test_config_errors_and_overrides(tmp_path):
     cfg = PretrainConfig()
     cfg.update(load_config(tmp_path / "c.toml"))
     assert cfg.train.steps == 7
+    # the same config in YAML; malformed files and non-mapping documents are errors naming the file
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 7\nmask:\n  kind: cluster\n")
+    assert load_config(tmp_path / "c.yaml") == load_config(tmp_path / "c.toml")
+    (tmp_path / "broken.yaml").write_text("train: [steps\n")
+    with pytest.raises(ValueError, match="broken.yaml"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "list.yml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="list.yml.*mapping"):
+        load_config(tmp_path / "list.yml")
     (tmp_path / "bad.toml").write_text("[train]\nstepz = 7\n")
     assert main(["pretrain", "--model", "ssamba_tiny", "--train", "x.json", "--out", str(tmp_path / "r"),
                  "--config", str(tmp_path / "bad.toml")]) == 2  # fmt: skip

@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", type=Path, required=True, help="run folder: config.json, checkpoints/, metrics.jsonl")
     pre.add_argument("--steps", type=int, default=None, help="optimizer steps (train.steps)")
     pre.add_argument("--batch-size", type=int, default=None, help="global batch per step (train.batch_size)")
-    pre.add_argument("--config", type=Path, default=None, help="TOML (or a run's config.json) with config sections")
+    pre.add_argument("--config", type=Path, default=None, help="TOML or YAML file (or a run's config.json)")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set optim.lr=3e-4 --set model.overrides.depth=4")
     pre.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--size", default=None, help="preset: base, small (default), tiny")
         sub.add_argument("--steps", type=int, default=None)
         sub.add_argument("--batch-size", type=int, default=None)
-        sub.add_argument("--config", type=Path, default=None, help="TOML (or a run's config.json)")
+        sub.add_argument("--config", type=Path, default=None, help="TOML or YAML (or a run's config.json)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key, e.g. --set optim.lr=1e-3 --set model.overrides.depth=2")
         sub.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--epochs", type=int, default=None)
     ft.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     ft.add_argument("--batch-size", type=int, default=None)
-    ft.add_argument("--config", type=Path, default=None, help="TOML (or a run's config.json) with config sections")
+    ft.add_argument("--config", type=Path, default=None, help="TOML or YAML file (or a run's config.json)")
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config key, e.g. --set optim.lr=1e-4 --set augment.mixup=0")
     ft.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")

@@ -381,7 +381,8 @@ def _captured(argv: list[str]) -> tuple[str, str]:
 
 def _mi_stage(ctx: Context) -> str:
     """Layer-wise I(X; T_l) (MINE) and I(T_l; Y)/H(Y) of the pretrained encoders, beside the same
-    architectures untrained, and the encoders fine-tuned for keyword spotting when that stage produced them."""
+    architectures untrained, the encoders fine-tuned for keyword spotting and Mamba-HuBERT's two CTC models when
+    those stages produced them."""
     p, m = ctx.plan, ctx.corpus / "manifests"
     argv = ["analyze", "mi", "--data", str(m / "kws_valid.json"), "--labels", str(m / "kws_labels.csv"),
             "--out", str(ctx.out / "mi"), "--seeds", ",".join(str(s) for s in range(p.mi_seeds)),
@@ -392,10 +393,19 @@ def _mi_stage(ctx: Context) -> str:
         tuned = ctx.out / "finetune" / "kws" / f"{model}-pretrained-finetune"
         if (tuned / "metrics.json").exists():
             argv += ["--model", f"fine-tuned KWS={tuned}"]
+    # Mamba-HuBERT fine-tuned with CTC alone vs through the Conformer (its curve continues over the Conformer
+    # blocks), when the HuBERT stage produced them: X is then the clip's MFCCs at the model's frame rate
+    ctc = {name: ctx.out / "hubert" / folder for name, folder in (("CTC alone", "ctc_pretrained"),
+                                                                  ("CTC + Conformer", "ctc_conformer"))}
+    if all((run / "metrics.json").exists() for run in ctc.values()):
+        argv += ["--panel", "Mamba-HuBERT"]
+        for name, run in ctc.items():
+            argv += ["--model", f"{name}={run}"]
     table, command = _captured(argv)
     section = ("MINE estimate of I(X; T_l) between the input patches of a time column (160 ms) and layer l's "
                "tokens of that column, after PCA to 16 dimensions, mean ± std over seeds; and the clustering "
-               "estimate I(T_l; Y)/H(Y) with the clip's keyword as Y. The question (Zhang et al., 2025): does the "
+               "estimate I(T_l; Y)/H(Y) with the clip's keyword as Y (for Mamba-HuBERT, X is the MFCC+Δ+ΔΔ of "
+               "each 20 ms frame and T_l that frame's features). The question (Zhang et al., 2025): does the "
                "curve fall and rise again (a V: the model reconstructs) or fall monotonically?\n\n"
                + table.split("\nwrote ")[0] + f"\n\nReproduce: `{command}`\n")
     if (ctx.out / "mi" / "mi.png").exists():
@@ -435,14 +445,18 @@ def _hubert_stage(ctx: Context) -> str:
         rows.append(f"| {encoder} | {p.hubert_steps} | {valid[0]['acc_m']:.3f} → **{valid[-1]['acc_m']:.3f}** | "
                     f"{valid[-1]['prior_acc_m']:.3f} | {valid[-1]['chance']:.3f} |")
     ctc_rows = ["| CTC from | steps | test CER | test WER |", "|---|---|---|---|"]
-    for name, init in (("Mamba-HuBERT (pretrained above)", str(out / "pt_extbimamba" / "final")),
-                       ("the same architecture from scratch", "none")):
-        run = out / ("ctc_pretrained" if init != "none" else "ctc_scratch")
+    pretrained = str(out / "pt_extbimamba" / "final")
+    # (name, run folder, init, extra arguments); the Conformer run is the MI stage's "with a decoder" model
+    ctc_runs = (("Mamba-HuBERT (pretrained above)", "ctc_pretrained", pretrained, []),
+                ("Mamba-HuBERT + 2 Conformer blocks", "ctc_conformer", pretrained, ["--conformer-layers", "2"]),
+                ("the same architecture from scratch", "ctc_scratch", "none", []))
+    for name, folder, init, extra in ctc_runs:
+        run = out / folder
         needed = not (run / "metrics.json").exists()
         if needed:
             shutil.rmtree(run, ignore_errors=True)
         arch = [] if init != "none" else ["--encoder", "extbimamba", "--size", size, *encoders["extbimamba"]]
-        commands.append(_cli(["hubert", "finetune", "--init", init, *arch, *data,
+        commands.append(_cli(["hubert", "finetune", "--init", init, *arch, *extra, *data,
                               "--test", str(m / "sentences_test.json"), "--out", str(run),
                               "--steps", str(p.ctc_steps), "--batch-size", str(max(1, p.hubert_batch // 2)),
                               "--set", "finetune.mask_prob=0",
@@ -452,8 +466,9 @@ def _hubert_stage(ctx: Context) -> str:
         ctc_rows.append(f"| {name} | {result['steps']} | {result['test']:.3f} | {result['test_wer']:.3f} |")
     return (f"HuBERT iteration 1 on the {size} preset: k-means (K = {p.hubert_k}) of 39-d MFCC+Δ+ΔΔ fitted on the "
             "training sentences and applied to every split, masked prediction of those clusters, then CTC over "
-            "characters from the last layer. A CPU demo budget: the published numbers need hundreds of thousands "
-            "of steps; read the accuracy against always guessing the commonest cluster.\n\n"
+            "characters from the last layer, alone or through a small Conformer. A CPU demo budget: the published "
+            "numbers need hundreds of thousands of steps; read the accuracy against always guessing the commonest "
+            "cluster.\n\n"
             + "\n".join(rows) + "\n\n" + "\n".join(ctc_rows) + "\n\nReproduce:\n\n"
             + "".join(f"    {c}\n" for c in commands))
 
@@ -469,9 +484,10 @@ STAGES = [
           products=tuple(f"pretrain/{m}/final/config.json" for m in PRETRAIN_MODELS)),
     Stage("finetune", "Fine-tuning and linear probes", _finetune_stage, products=("finetune/compare.json",)),
     Stage("bench", "Efficiency: SSAMBA vs SSAST inference", _bench_stage, products=("bench_models.csv",)),
-    Stage("mi", "Layer-wise mutual information", _mi_stage, products=("mi/mi.json",)),
     Stage("hubert", "Mamba-HuBERT", _hubert_stage,
-          products=("hubert/pt_extbimamba/final/config.json", "hubert/ctc_pretrained/metrics.json")),
+          products=("hubert/pt_extbimamba/final/config.json", "hubert/ctc_pretrained/metrics.json",
+                    "hubert/ctc_conformer/metrics.json")),
+    Stage("mi", "Layer-wise mutual information", _mi_stage, products=("mi/mi.json",)),
 ]
 
 

@@ -191,7 +191,23 @@ def apply_overrides(cfg: PretrainConfig, pairs: list[str]) -> None:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """A TOML (``.toml``) or JSON (``.json``, e.g. a run's saved config.json) file as a dict of sections."""
+    """A TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``, e.g. a run's saved config.json) file as a
+    dict of sections. A malformed file is a ValueError naming it."""
     path = Path(path)
     text = path.read_text()
-    return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml  # only YAML configs need it
+
+        try:
+            values = yaml.safe_load(text) or {}  # safe_load: plain data, never Python objects
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: cannot read the config: {e}") from e
+    else:
+        try:
+            values = json.loads(text) if suffix == ".json" else tomllib.loads(text)
+        except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+            raise ValueError(f"{path}: cannot read the config: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config file holds sections (a mapping), got {type(values).__name__}")
+    return values
