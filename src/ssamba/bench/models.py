@@ -475,11 +475,12 @@ def run(cfg: BenchConfig | None = None, log: Callable[[str], None] | None = None
             }  # fmt: skip
             limit = _mem_limit(cfg)
             estimate = _estimate_bytes(v, model_cfg, tokens, cfg)
-            if v in stopped:
-                row.update(stopped[v])
-            elif estimate is not None and limit is not None and estimate > limit:
+            # a predicted oom is reported even where a time limit had stopped the variant: it is the stronger reason
+            if estimate is not None and limit is not None and estimate > limit:
                 row.update(status="oom", note=f"not run: the score matrices alone need {estimate / 2**30:.1f} GiB, "
                                               f"over the {limit / 2**30:.1f} GiB limit")  # fmt: skip
+            elif v in stopped:
+                row.update(stopped[v])
             else:
                 say(f"{v.label} T={frames} ({tokens} tokens): running")
                 spec = {**asdict(cfg), "model": v.model, "family": v.family, "variant": v.variant,
