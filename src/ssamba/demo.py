@@ -74,8 +74,8 @@ def make_plan(budget_minutes: float) -> Plan:
         return Plan(b, {"embed_dim": 48, "depth": 2}, pretrain_steps=max(4, round(b * 8)), finetune_steps=2,
                     probe_epochs=2, hubert_steps=2, ctc_steps=2, hubert_k=8, hubert_batch=2, bench_frames=(128, 256),
                     mi_seeds=1, mi_steps=30, batch_size=8)
-    # 20 minutes: measured 12.3 min on an idle 2-core CPU (5 pretraining, 3.5 downstream, 1 benchmark,
-    # 1.5 MI, 0.7 HuBERT; benchmarks/RESULTS.md), leaving room for slower or busier machines
+    # 20 minutes: measured 12.6 min on an idle 2-core CPU (4.8 pretraining, 3.6 downstream, 1.2 benchmark,
+    # 0.7 HuBERT, 2 MI; benchmarks/RESULTS.md), leaving room for slower or busier machines
     return Plan(b, {}, pretrain_steps=round(b * 5), finetune_steps=round(b * 0.8), hubert_steps=round(b * 2),
                 ctc_steps=round(b * 3))
 
@@ -414,8 +414,8 @@ def _mi_stage(ctx: Context) -> str:
 
 
 def _hubert_stage(ctx: Context) -> str:
-    """Iteration-1 Mamba-HuBERT and Transformer-HuBERT on the sentences, then CTC from the Mamba one and
-    from scratch: the same budget for each."""
+    """Iteration-1 Mamba-HuBERT and Transformer-HuBERT on the sentences, then CTC from the Mamba one (alone and
+    through 2 Conformer blocks) and from scratch: the same budget for each."""
     p, m, out = ctx.plan, ctx.corpus / "manifests", ctx.out / "hubert"
     size = "tiny" if p.shrunk else "small"
     data = ["--train", str(m / "sentences_train.json"), "--valid", str(m / "sentences_valid.json")]

@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "catch_stop_signals",
     "latest_checkpoint",
     "load_checkpoint",
     "optimizer_state",
     "restore_optimizer",
     "restore_rng",
     "rng_state",
-    "catch_stop_signals",
     "save_checkpoint",
 ]
 
