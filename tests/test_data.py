@@ -2,11 +2,15 @@ import json
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from ssamba import features
-from ssamba.audio import AudioError, save_audio
+from ssamba.audio import AudioError, load_audio, save_audio
 from ssamba.data import AudioDataset, Example, LabelSet, ManifestError, dataset_stats, read_manifest, write_manifest
+from ssamba.data import check as data_check
+from ssamba.data.check import UnusableFilesError, check_splits, header_problem
+from tests.test_audio import _bad
 
 
 def _clip(path, seconds, freq, rate=16000):
@@ -148,3 +152,49 @@ def test_dataset_stats(corpus):
     assert stats["std"] == pytest.approx(cells.std(unbiased=False).item(), rel=1e-6)
     padded = dataset_stats(examples, target_length=100)
     assert padded["frames"] == 300 and padded["mean"] > stats["mean"]  # the padding zeros count
+
+
+@pytest.mark.parametrize("kind", ["missing", "unreadable", "empty", "truncated", "header_only", "too_short",
+                                  "directory", "nan"])
+def test_header_check_mirrors_load_audio(tmp_path, kind):
+    path = _bad(tmp_path, kind)
+    reason = header_problem(path)
+    with pytest.raises(AudioError) as info:
+        load_audio(path)
+    if kind == "nan":  # only decoding shows the samples: left to the loader, which names the file
+        assert reason is None
+    else:
+        assert str(info.value) == f"{path}: {reason}"
+    assert header_problem(tmp_path / "good.wav") is None  # written by _bad
+    rate = tmp_path / "8k.wav"  # any rate is resampled by the loader: length judged at 16 kHz
+    save_audio(rate, np.zeros(199, np.float32), 8000)
+    assert header_problem(rate).startswith("too short (398 samples at 16000 Hz")
+
+
+def test_check_splits_one_line_per_run_counts_per_split_and_a_cache_per_manifest(corpus, monkeypatch):
+    root, examples, _ = corpus
+    empty = root / "audio" / "empty.wav"
+    soundfile.write(empty, np.zeros(0, np.float32), 16000)
+    train, test = root / "manifests" / "train.json", root / "manifests" / "test.json"
+    write_manifest(test, [*examples, Example(empty, ("/m/cat",))])
+    with pytest.raises(UnusableFilesError, match=rf"1 unusable audio file in test split \({test}, 1 of 4\): "
+                                                 rf"{empty}: empty audio \(0 samples\); fix or remove them, or set "
+                                                 r"data.skip_bad=true to leave them out$") as info:  # fmt: skip
+        check_splits({"train": train, "test": test}, skip_bad=False)
+    assert "\n" not in str(info.value) and isinstance(info.value, ManifestError)
+    lines = []
+    assert check_splits({"train": train, "valid": "", "test": test}, skip_bad=True, log=lines.append) == {
+        "train": 0, "test": 1}
+    assert lines == ["data check: train 0 of 3 unusable, test 1 of 4 unusable (left out)"]
+    # checked once per manifest (path, mtime, size): no header is read again until the manifest changes
+    calls = []
+    info_fn = soundfile.info
+    monkeypatch.setattr(data_check.soundfile, "info", lambda path: calls.append(path) or info_fn(path))
+    assert check_splits({"test": test}, skip_bad=True, log=None) == {"test": 1} and calls == []
+    write_manifest(test, examples)  # repaired
+    assert check_splits({"test": test}, skip_bad=False) == {"test": 0} and len(calls) == 3
+    # many bad files: the first five are named, the rest counted; lists of examples are checked too
+    missing = [Example(root / f"gone{i}.wav") for i in range(7)]
+    with pytest.raises(UnusableFilesError, match=r"7 unusable audio files in input split \(7 of 7\): .*gone4.wav: "
+                                                 r"file not found; and 2 more; fix or remove them$"):  # fmt: skip
+        check_splits({"input": missing}, skip_bad=False, hint=None)

@@ -23,6 +23,8 @@ from ssamba.pretrain.kmeans import (
     read_labels_for,
 )
 from ssamba.tasks.ctc import CharVocab, edit_distance, error_rates, greedy_decode
+from ssamba.train.checkpoint import latest_checkpoint, load_checkpoint
+from ssamba.train.config import apply_overrides
 from ssamba.train.hubert import (
     CTCConfig,
     HuBERTPretrainConfig,
@@ -157,7 +159,7 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="mask.spn"):
         cfg.update({"mask": {"spn": 3}})
     with pytest.raises(ValueError, match="depht"):
-        cfg.set(["model.overrides.depht=2"])
+        apply_overrides(cfg, ["model.overrides.depht=2"])
 
 
 def test_ctc_finetune_and_decoding(corpus, tmp_path):
@@ -253,3 +255,55 @@ def test_pretrain_under_torchrun_two_processes(corpus, tmp_path):
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
     assert [p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "reconstruct"])
+def test_divergence_stops_with_exit_2_keeping_the_last_good_checkpoint(corpus, tmp_path, capsys, command):
+    # lr 1e30: the first update throws the weights to ~1e30 (still finite), the next forward overflows to NaN / inf
+    run = tmp_path / command
+    extra = ["--labels", str(corpus["labels"])] if command == "pretrain" else ["--test", str(corpus["valid"])]
+    args = ["hubert", command, "--train", str(corpus["train"]), "--valid", str(corpus["valid"]), "--out", str(run),
+            "--size", "tiny", "--steps", "6", "--batch-size", "2", *extra, "--set", "optim.lr=1e30",
+            "--set", "optim.warmup_steps=1", "--set", "train.max_bad_steps=2", "--set", "log.progress=false",
+            "--set", "log.ckpt_every=1", "--set", "log.log_every=1", "--set", "log.eval_every=100"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "training diverged: 2 skipped steps in a row" in err and "non-finite loss" in err
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [m for m in metrics if m.get("skipped")]
+    assert [m["skipped_steps"] for m in skipped] == [1, 2] and all("non-finite loss" in m["reason"] for m in skipped)
+    good = [m["step"] for m in metrics if "loss" in m]
+    last = latest_checkpoint(run / "checkpoints")
+    assert good and last.name == f"step_{good[-1]:08d}" and str(last) in err  # nothing written after the divergence
+    tensors, state = load_checkpoint(last)
+    weights = {k: v for k, v in tensors.items() if k.startswith("model.") and v.is_floating_point()}
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+    assert (state["step"], state["bad_in_row"], state["skipped_steps"]) == (good[-1], 0, 0)
+    assert not (run / "final").exists() and not (run / "metrics.json").exists()
+
+
+def test_an_empty_wav_in_any_split_stops_before_labels_or_training(corpus, tmp_path, capsys):
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)  # a valid WAV header, 0 samples
+    entries = [{**e, "wav": str(corpus["root"] / e["wav"])} for e in json.loads(corpus["valid"].read_text())["data"]]
+    test = tmp_path / "test_with_empty.json"
+    test.write_text(json.dumps({"data": [*entries, {"wav": "empty.wav", "transcript": "ab"}]}))
+    run = tmp_path / "ctc"
+    args = ["hubert", "finetune", "--train", str(corpus["train"]), "--valid", str(corpus["valid"]), "--test",
+            str(test), "--out", str(run), "--size", "tiny", "--steps", "1", "--batch-size", "2",
+            "--set", "log.progress=false"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"test split ({test}, 1 of 3): {empty}: empty audio (0 samples)" in err
+    assert not run.exists()
+    assert main(["hubert", "labels", "--train", str(corpus["train"]), "--apply", str(test), "--out",
+                 str(tmp_path / "labels"), "--k", "3"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "test_with_empty split" in err and str(empty) in err
+    assert not (tmp_path / "labels" / "kmeans.safetensors").exists()
+    assert main([*args, "--set", "data.skip_bad=true"]) == 0
+    assert "data check: train 0 of 4 unusable, valid 0 of 2 unusable, test 1 of 3 unusable (left out)" in (
+        capsys.readouterr().out)

@@ -2,16 +2,19 @@
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from ssamba.audio import save_audio
 from ssamba.cli import main
-from ssamba.data.manifest import Example, write_manifest
+from ssamba.data.manifest import Example, read_manifest, write_manifest
 from ssamba.models import create_model
 from ssamba.pretrain import MaskedPatchPretraining
+from ssamba.train.checkpoint import latest_checkpoint, load_checkpoint
 from ssamba.train.config import PretrainConfig, apply_overrides, load_config, recipe
 from ssamba.train.loop import NonFiniteLossError, pretrain
 
@@ -42,10 +45,13 @@ def test_config_errors_and_overrides(tmp_path):
     cfg = recipe("ssast_tiny")
     assert (cfg.optim.name, cfg.optim.weight_decay, cfg.train.batch_size) == ("adam", 5e-7, 24)
     assert recipe("ssamba_tiny").optim.betas == (0.95, 0.999)
-    apply_overrides(cfg, ["optim.lr=3e-4", "model.overrides.depth=2", "optim.betas=[0.9, 0.99]", "model.name=x"])
+    apply_overrides(cfg, ["optim.lr=3e-4", "model.overrides.depth=2", "optim.betas=[0.9, 0.99]",
+                          "model.name=ssast_small"])
     assert cfg.optim.lr == 3e-4 and cfg.model.overrides == {"depth": 2} and cfg.optim.betas == (0.9, 0.99)
     with pytest.raises(ValueError, match="optim.lrr"):
         apply_overrides(cfg, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="unknown model 'x'"):
+        apply_overrides(cfg, ["model.name=x"])
     with pytest.raises(ValueError, match="sectionx"):
         cfg.update({"sectionx": {}})
     (tmp_path / "c.toml").write_text("[train]\nsteps = 7\n[mask]\nkind = 'cluster'\n")
@@ -144,3 +150,56 @@ def test_tensorboard_scalars(tmp_path):
     losses = [e.value for t in tags if t.endswith("loss") and "valid" not in t for e in events.Scalars(t)]
     train = [m["loss"] for m in read_metrics(run) if "split" not in m]
     assert len(losses) >= len(train) and math.isclose(losses[0], train[0], rel_tol=1e-6)
+
+
+def one_error_line(err: str) -> str:
+    """stderr of a command that failed on the user's input or a diverged run: one line, no traceback."""
+    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    return err
+
+
+def test_divergence_stops_with_exit_2_keeping_the_last_good_checkpoint(tmp_path, capsys):
+    # lr 1e30: the first update throws the weights to ~1e30 (still finite), the next forward overflows to NaN
+    manifest = make_corpus(tmp_path, items=8)
+    run = tmp_path / "run"
+    args = ["pretrain", "--model", "ssast_tiny", "--train", str(manifest), "--out", str(run), "--steps", "6",
+            "--batch-size", "4", *TINY, "--set", "model.overrides.num_heads=2", "--set", "optim.lr=1e30",
+            "--set", "log.ckpt_every=1", "--set", "train.max_bad_steps=2"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "training diverged: 2 skipped steps in a row" in err and "non-finite loss" in err
+    metrics = read_metrics(run)
+    skipped = [m for m in metrics if m.get("skipped")]
+    assert [m["skipped_steps"] for m in skipped] == [1, 2] and all("non-finite loss" in m["reason"] for m in skipped)
+    good = [m["step"] for m in metrics if "loss" in m]
+    last = latest_checkpoint(run / "checkpoints")
+    assert good and last.name == f"step_{good[-1]:08d}" and str(last) in err  # nothing written after the divergence
+    tensors, state = load_checkpoint(last)
+    c = state["config"]
+    objective = MaskedPatchPretraining(create_model(c["model"]["name"], input_tdim=c["data"]["target_length"],
+                                                    **c["model"]["overrides"]))  # fmt: skip
+    objective.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    assert all(torch.isfinite(v).all() for v in objective.state_dict().values() if v.is_floating_point())
+    assert (state["bad_in_row"], state["skipped_steps"]) == (0, 0)
+
+
+def test_a_bad_file_in_the_valid_split_stops_before_training(tmp_path, capsys):
+    manifest = make_corpus(tmp_path, items=8)
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, np.float32), 16000)  # a valid WAV header, 0 samples
+    valid = tmp_path / "valid.json"
+    write_manifest(valid, [*read_manifest(manifest), Example(path=empty)])
+    run = tmp_path / "run"
+    args = ["pretrain", "--model", "ssast_tiny", "--train", str(manifest), "--valid", str(valid), "--out", str(run),
+            "--steps", "1", "--batch-size", "4", *TINY, "--set", "model.overrides.num_heads=2"]  # fmt: skip
+    capsys.readouterr()
+    tick = time.perf_counter()
+    assert main(args) == 2
+    assert time.perf_counter() - tick < 10
+    err = one_error_line(capsys.readouterr().err)
+    assert f"valid split ({valid}, 1 of 9)" in err and f"{empty}: empty audio (0 samples)" in err
+    assert not run.exists()  # stopped before anything was built or written
+    assert main([*args, "--set", "data.skip_bad=true"]) == 0  # left out, counted per split, and the run trains
+    assert "data check: train 0 of 8 unusable, valid 1 of 9 unusable (left out)" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(run) if "loss" in m] == [1]

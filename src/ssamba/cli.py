@@ -62,18 +62,16 @@ def _bench_scan(args) -> int:
 
 def _bench_models(args) -> int:
     from ssamba.bench import models as bench
+    from ssamba.fields import parse_text
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
         overrides = {}
         for item in args.set:
             key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
-            try:
-                overrides[key.strip()] = json.loads(value)  # numbers, true/false, null, lists
-            except json.JSONDecodeError:
-                overrides[key.strip()] = value  # a bare string, e.g. --set pool=cls
+            if not sep or not key.strip():
+                raise ValueError(f"--set {item}: expected KEY=VALUE (a model config key)")
+            overrides[key.strip()] = parse_text(value)  # typed per model by BenchConfig (check_overrides)
         changes = {"batch": args.batch, "device": args.device, "dtype": args.dtype}
         for key, value in (("repeats", args.repeats), ("budget_s", args.budget), ("threads", args.threads),
                            ("max_forward_s", args.max_forward_s)):
@@ -187,7 +185,7 @@ def _hubert_labels(args) -> int:
 
 
 def _hubert_config(cls, args):
-    from ssamba.train.config import load_config
+    from ssamba.train.config import apply_overrides, load_config
 
     cfg = cls()
     if args.config is not None:
@@ -199,7 +197,7 @@ def _hubert_config(cls, args):
         cfg.train.steps = args.steps
     if args.batch_size is not None:
         cfg.train.batch_size = args.batch_size
-    cfg.set(args.set)
+    apply_overrides(cfg, args.set)
     return cfg
 
 
@@ -630,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     from ssamba.audio import AudioError
     from ssamba.data.manifest import ManifestError
     from ssamba.data.synth import SynthError
+    from ssamba.train.guard import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     finished = False
@@ -637,8 +636,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
         finished = True
         return code
-    except (AudioError, ManifestError, SynthError, FileNotFoundError) as e:
-        # Bad input or a missing system tool: one clear line naming the culprit, no traceback.
+    except (AudioError, ManifestError, SynthError, FileNotFoundError, NonFiniteLossError) as e:
+        # Bad input, a missing system tool, or a diverged run (the last good checkpoint is kept): one clear line
+        # naming the culprit, no traceback.
         print(f"ssamba: error: {e}", file=sys.stderr)
         return 2
     finally:

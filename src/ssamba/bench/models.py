@@ -63,6 +63,8 @@ from typing import Any
 
 import torch
 
+from ssamba.fields import typed_fields
+
 __all__ = [
     "DEFAULT_FRAMES",
     "quick_config",
@@ -140,18 +142,14 @@ class BenchConfig:
             raise ValueError("no models to benchmark")
         if not self.frames or min(self.frames) < 16:
             raise ValueError(f"frames must be a non-empty list of lengths >= 16, got {self.frames}")
+        from ssamba.models import check_overrides
+
+        for name in self.models:  # the overrides go to every model: each must know every key
+            self.overrides = check_overrides(name, self.overrides)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BenchConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown BenchConfig key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values = dict(values)
-        for key in ("models", "frames", "attention", "backends"):
-            if values.get(key) is not None:
-                values[key] = tuple(values[key])
-        return cls(**values)
+        return cls(**typed_fields(cls, values, "BenchConfig"))
 
 
 def quick_config(**changes: Any) -> BenchConfig:

@@ -47,6 +47,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import llvmlite.binding
 import numba
 import torch
 import torch.nn.functional as F
@@ -219,6 +220,8 @@ def machine_info() -> dict[str, object]:
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),
+        # the CPU the numba kernels are compiled for: NUMBA_CPU_NAME (e.g. haswell, generic) or this host's
+        "numba_target": numba.config.CPU_NAME or f"host ({llvmlite.binding.get_host_cpu_name()})",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numba": numba.__version__,
@@ -328,7 +331,8 @@ def format_table(result: dict) -> str:
     lines = [
         f"Selective scan (CPU), B={cfg['batch']} D={cfg['channels']} N={cfg['state']} {cfg['dtype']}, {cfg['options']}",
         f"{machine['cpu']}, {machine['logical_cpus']} logical CPUs; threads: torch {machine['torch_threads']}, "
-        f"numba {machine['numba_threads']}; torch {machine['torch']}, numba {machine['numba']}; {result['date']}",
+        f"numba {machine['numba_threads']}; numba target {machine.get('numba_target', 'n/a')}; "
+        f"torch {machine['torch']}, numba {machine['numba']}; {result['date']}",
         "",
         "| L | method | forward | fwd+bwd | forward updates/s | fwd+bwd updates/s | peak extra, forward "
         "| peak extra, fwd+bwd | runs (fwd, fwd+bwd) |",

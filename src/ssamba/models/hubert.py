@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssamba.fields import typed_fields
 from ssamba.nn.attention import Mlp, TransformerBlock
 from ssamba.nn.conformer import ConformerBlock
 from ssamba.nn.layers import lengths_to_mask
@@ -115,12 +116,7 @@ class HuBERTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HuBERTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown HuBERTConfig key(s): {', '.join(unknown)}; "
-                             f"known keys: {', '.join(sorted(known))}")
-        return cls(**values)
+        return cls(**typed_fields(cls, values, cls.__name__))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ssamba.fields import typed_fields
 from ssamba.nn.attention import ATTENTION_IMPLS, TransformerBlock
 from ssamba.nn.layers import DropPath, lengths_to_mask, reverse_padded
 from ssamba.nn.mamba import InnerBiMamba
@@ -104,13 +106,7 @@ class SpectrogramConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown {cls.__name__} key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
+        return cls(**typed_fields(cls, values, cls.__name__))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -605,6 +601,18 @@ def create_model(name: str, **overrides: Any) -> SpectrogramEncoder:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return _REGISTRY[name](**overrides)
+
+
+def check_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` for ``create_model(name, **overrides)``, checked without building the model: the preset
+    exists, every key is a field of its config and every value has that field's type (converted where lossless;
+    a ValueError names the culprit otherwise). Cross-field checks (patch grid, ...) happen when it is built."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    config_class = getattr(typing.get_type_hints(_REGISTRY[name]).get("return"), "config_class", None)
+    if config_class is None:  # a preset registered without its model class as return annotation
+        return dict(overrides)
+    return typed_fields(config_class, overrides, "model.overrides")
 
 
 def _ssamba(embed_dim: int, overrides: dict[str, Any]) -> SSAMBAModel:

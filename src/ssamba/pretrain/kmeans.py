@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ssamba import features as feats
 from ssamba.audio import SAMPLE_RATE, load_audio
+from ssamba.data.check import check_splits
 from ssamba.data.manifest import Example, read_manifest
 
 __all__ = [
@@ -253,6 +254,8 @@ def make_labels(train: str | os.PathLike, others: Sequence[str | os.PathLike], o
     stems = [m.stem for m in manifests]
     if len(set(stems)) != len(stems):
         raise ValueError(f"manifests must have distinct file names (label files are named by them): {stems}")
+    # every manifest's files from their headers before any feature is computed (ssamba.data.check)
+    check_splits({m.stem: m for m in manifests}, skip_bad=False, log=None, hint=None)
 
     def frames_of(examples: list[Example], name: str) -> list[Tensor]:
         it = examples

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ssamba import features as feats
+from ssamba.data.check import check_splits
 from ssamba.data.datasets import AudioDataset
 from ssamba.data.manifest import AUDIO_SUFFIXES, Example, read_manifest
 from ssamba.nn.layers import lengths_to_mask
@@ -69,6 +70,8 @@ def embed(model_dir: str | os.PathLike, inputs: list[str | os.PathLike], out: st
             mean, std = init.norm
     encoder.eval()
     examples = _examples(list(inputs))
+    # every file from its header before any is decoded (ssamba.data.check): an unusable one stops here, named
+    check_splits({"input": examples}, skip_bad=skip_bad, log=None, hint="pass --skip-bad")
     limit = encoder.config.input_tdim
     ds = AudioDataset(examples, target_length=None, mean=mean, std=std, skip_bad=skip_bad)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate)

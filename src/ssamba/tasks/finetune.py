@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba import features as feats
+from ssamba.data.check import check_splits
 from ssamba.data.datasets import AudioDataset
 from ssamba.data.manifest import Example, LabelSet, read_manifest
 from ssamba.models.spectrogram import FAMILIES, create_model, load_pretrained
@@ -56,6 +57,7 @@ from ssamba.train.checkpoint import (
 )
 from ssamba.train.checkpoint import save_checkpoint as write_checkpoint
 from ssamba.train.distributed import ResumableBatchSampler
+from ssamba.train.guard import NonFiniteGuard
 from ssamba.train.logging import MetricsLog
 
 __all__ = [
@@ -440,6 +442,9 @@ def finetune(cfg: FinetuneConfig, run: str | os.PathLike, resume: bool = False, 
     cfg.validate()
     if not cfg.data.labels:
         raise ValueError("fine-tuning needs data.labels (--labels CSV)")
+    # every split's files from their headers, before anything is built (k folds: the train manifest holds them all)
+    check_splits({"train": cfg.data.train} if cfg.data.folds > 0 else _splits(cfg), skip_bad=cfg.data.skip_bad,
+                 log=log)
     if cfg.data.folds > 0:
         return _finetune_folds(cfg, Path(run), resume, log)
     return _finetune_once(cfg, Path(run), _splits(cfg), resume, log)
@@ -478,6 +483,7 @@ def _finetune_folds(cfg: FinetuneConfig, run: Path, resume: bool, log) -> dict:
         values = [r[split] for r in results]
         summary[split], summary[f"{split}_std"] = float(np.mean(values)), float(np.std(values))
     summary["folds"] = [{"fold": i + 1, "valid": r["valid"], "test": r["test"]} for i, r in enumerate(results)]
+    summary["skipped_steps"] = sum(r["skipped_steps"] for r in results)
     (run / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
     rows = [{"fold": f["fold"], cfg.task.metric: f["test"]} for f in summary["folds"]]
     rows.append({"fold": "mean", cfg.task.metric: summary["test"]})
@@ -552,6 +558,10 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
         first_loss = state["first_loss"]
         log(f"resumed {run} from {latest.name} (step {step})")
     metrics_log = MetricsLog(run, cfg.log.tensorboard, resume_step=step if latest is not None else None)
+    # non-finite losses: skipped (no update), counted, the run stops after train.max_bad_steps in a row
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, metrics_log.log, ckpt_dir)
+    if latest is not None:
+        guard.load_state_dict(state)
 
     meta = {"mode": cfg.task.mode, "task": cfg.task.name, "model": cfg.model.name, "init": cfg.model.init,
             "labels": {"mids": labels.mids, "names": labels.names}, "target_length": cfg.data.target_length,
@@ -568,6 +578,7 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
 
     def validate() -> dict:
         nonlocal best, best_step
+        guard.check_weights(model, step)  # a new best is saved below
         s, t = scores_of("valid")
         last_valid.update(step=step, scores=(s, t))
         result = task_metrics(s, t, cfg.task.multilabel)
@@ -578,13 +589,14 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
         return result
 
     def save_checkpoint() -> None:
+        guard.check_weights(model, step)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"wa.{k}": v for k, v in wa_sum.items()})
         opt_tensors, opt_meta = optimizer_state(optimizer)
         rng_tensors, rng_meta = rng_state(aug_gen)
         state = {"step": step, "optimizer": opt_meta, "sampler": sampler.state_dict(), "rng": rng_meta,
                  "wa_count": wa_count, "best": best, "best_step": best_step, "first_loss": first_loss,
-                 "config": cfg.to_dict()}  # fmt: skip
+                 **guard.state_dict(), "config": cfg.to_dict()}  # fmt: skip
         write_checkpoint(ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, state, cfg.log.keep_last)
 
     stop, restore_signals = catch_stop_signals()
@@ -625,32 +637,40 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
                 y = y.to(device)
             loss = _loss(logits, y, cfg.task.loss)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], o.grad_clip)
-            optimizer.step()
             step += 1
-            loss_value = float(loss.detach())
-            if first_loss is None:
-                first_loss = loss_value
+            # a NaN / inf loss is skipped (ssamba.train.guard): no backward, no update; its batch is consumed
+            skipped = not guard.check(float(loss.detach()), step, optimizer)
+            if not skipped:
+                loss.backward()
+                if o.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], o.grad_clip)
+                optimizer.step()
+                loss_value = float(loss.detach())
+                if first_loss is None:
+                    first_loss = loss_value
             sampler.advance()
             epoch_end = sampler.batch == 0
             if cached and epoch_end:
                 order_cache = []
             now = time.perf_counter()
             train_seconds += now - tick
-            if step % cfg.log.log_every == 0 or step == total:
-                metrics_log.log({"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                                 "epoch": sampler.epoch})  # fmt: skip
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.3f}", best=f"{best:.3f}")
-                bar.update(1)
-            # -- weight averaging of end-of-epoch weights (official wa: epochs wa_start..wa_end)
+            # -- weight averaging of end-of-epoch weights (official wa: epochs wa_start..wa_end); a skipped step
+            # left the weights as they were, so they still count
             if wa_on and epoch_end and o.wa_start <= sampler.epoch <= o.wa_end:
                 for k, v in model.state_dict().items():
                     if v.is_floating_point():
                         wa_sum[k] = wa_sum.get(k, torch.zeros_like(v, device="cpu")) + v.detach().cpu()
                 wa_count += 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.3f}", best=f"{best:.3f}")
+                bar.update(1)
+            if skipped and step < total and stop["signal"] is None:
+                # nothing is evaluated or written after a skipped step (as pretraining)
+                tick = time.perf_counter()
+                continue
+            if not skipped and (step % cfg.log.log_every == 0 or step == total):
+                metrics_log.log({"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                                 "epoch": sampler.epoch})  # fmt: skip
             at_eval = step == total or (epoch_end if cfg.log.eval_every == 0 else step % cfg.log.eval_every == 0)
             if at_eval:
                 validate()
@@ -671,6 +691,7 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
         state = model.state_dict()
         state.update({k: (v / wa_count).to(state[k].dtype) for k, v in wa_sum.items()})
         model.load_state_dict(state)
+        guard.check_weights(model, step)
         save_classifier(model, run / "best", {**meta, "step": step, "weight_averaged": wa_count})
         chosen = "weight average"
     else:
@@ -692,7 +713,7 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
            "steps": step, "epochs": round(step / bpe, 3), "batch_size": sampler.batch_size,
            "train_items": len(train_set), "num_classes": len(labels), "first_loss": first_loss,
            "last_loss": loss_value, "train_seconds": round(train_seconds, 2),
-           "splits": results}  # fmt: skip
+           "skipped_steps": guard.skipped_steps, "splits": results}  # fmt: skip
     if probe:
         out["layer_weights"] = model.layer_weights
     split = "test" if "test" in results else "valid"
@@ -726,11 +747,12 @@ def evaluate(ckpt: str | os.PathLike, test: str | os.PathLike, labels: str | os.
         if label_set.mids != saved.mids:
             raise ValueError(f"{labels}: label set differs from the one {ckpt} was trained with "
                              f"({len(label_set)} vs {len(saved)} classes or another order)")  # fmt: skip
+    unusable = check_splits({"test": test}, skip_bad=skip_bad, log=None, hint="pass --skip-bad")["test"]
     ds = AudioDataset(test, label_set, target_length=meta["target_length"], mean=meta["mean"], std=meta["std"],
                       skip_bad=skip_bad)  # fmt: skip
     model.to(device)
     scores, targets = _predict(model, _loader(ds, batch_size, 0), torch.device(device))
     result = task_metrics(scores, targets, meta["multilabel"])
     return {"task": meta["task"], "metric": meta["metric"], "value": result[meta["metric"]], "items": len(targets),
-            "mode": meta["mode"], "model": meta["model"], **result}
+            "unusable_files": unusable, "mode": meta["mode"], "model": meta["model"], **result}
 

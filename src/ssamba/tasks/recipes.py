@@ -2,8 +2,8 @@
 official recipes as small preset functions, one per task.
 
 Precedence: task preset < config file (``--config``) < ``--set section.key=value`` < explicit CLI flags.
-Unknown sections / keys are errors naming them. ``ssamba.train.config.apply_overrides`` and
-``parse_value`` work on this config too (``model.overrides.depth=2`` sets one model override).
+Values are typed and unknown sections / keys are errors naming them (``ssamba.train.config.merge_sections``);
+``ssamba.train.config.apply_overrides`` applies ``--set`` flags (``model.overrides.depth=2`` sets one override).
 
 Sources of the presets (hyper-parameters copied as numbers, cited per preset):
   SSAST  src/finetune/{speechcommands_v2_35/run_sc.sh, esc50/run_esc_patch.sh, audioset/run_as.sh}
@@ -13,11 +13,12 @@ Sources of the presets (hyper-parameters copied as numbers, cited per preset):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ssamba.train.config import merge_sections
 
 __all__ = ["TASKS", "FinetuneConfig", "task_recipe"]
 
@@ -120,6 +121,9 @@ class FTTrainSection:
     # linear probe: run the frozen encoder once per split and train on the cached per-layer vectors
     # (exact: the encoder is frozen and deterministic in eval mode; off when augmentation is on)
     cache_probe_features: bool = True
+    # stop with an error after this many non-finite losses in a row (each is skipped: no update), as
+    # pretraining and HuBERT (ssamba.train.guard)
+    max_bad_steps: int = 5
 
 
 @dataclass
@@ -135,8 +139,6 @@ class FTLogSection:
     progress: bool = True
 
 
-SECTIONS = {"model": FTModelSection, "data": FTDataSection, "task": FTTaskSection, "augment": FTAugmentSection,
-            "optim": FTOptimSection, "train": FTTrainSection, "log": FTLogSection}  # fmt: skip
 MODES = ("finetune", "probe")
 
 
@@ -160,28 +162,8 @@ class FinetuneConfig:
         return cfg
 
     def update(self, values: dict[str, Any], source: str = "config") -> None:
-        """Merge ``{"section": {"key": value}}``; unknown sections/keys raise ValueError naming them. All or
-        nothing: after an error the config is unchanged."""
-        before = copy.deepcopy(self.__dict__)
-        try:
-            self._merge(values, source)
-        except ValueError:
-            self.__dict__.update(before)
-            raise
-
-    def _merge(self, values: dict[str, Any], source: str) -> None:
-        for section, entries in values.items():
-            if section not in SECTIONS:
-                raise ValueError(f"{source}: unknown config section {section!r}; known: {', '.join(SECTIONS)}")
-            if not isinstance(entries, dict):
-                raise ValueError(f"{source}: [{section}] must be a table of keys")
-            target = getattr(self, section)
-            known = {f.name for f in dataclasses.fields(target)}
-            for key, value in entries.items():
-                if key not in known:
-                    raise ValueError(f"{source}: unknown config key {section}.{key}; known: {', '.join(sorted(known))}")
-                setattr(target, key, tuple(value) if key == "betas" else value)
-        self.validate()
+        """Merge ``{"section": {"key": value}}`` (``ssamba.train.config.merge_sections``: typed, all or nothing)."""
+        merge_sections(self, values, source)
 
     def validate(self) -> None:
         t, o = self.task, self.optim
@@ -201,6 +183,9 @@ class FinetuneConfig:
             raise ValueError("train.batch_size must be positive")
         if not 0.0 <= self.augment.mixup <= 1.0:
             raise ValueError(f"augment.mixup is a probability, got {self.augment.mixup}")
+        from ssamba.models import check_overrides
+
+        self.model.overrides = check_overrides(self.model.name, self.model.overrides)
 
 
 # ------------------------------------------------------------------------------------------------ presets

@@ -4,6 +4,7 @@ Unknown keys are errors naming the key."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -11,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ssamba.fields import coerce, field_types, parse_text, typed_fields
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser as a package
     import tomli as tomllib
 
-__all__ = ["PretrainConfig", "apply_overrides", "load_config", "recipe"]
+__all__ = ["PretrainConfig", "apply_overrides", "load_config", "merge_sections", "recipe"]
 
 
 @dataclass
@@ -110,10 +113,6 @@ class LogSection:
     progress: bool = True
 
 
-SECTIONS = {"model": ModelSection, "data": DataSection, "mask": MaskSection, "optim": OptimSection,
-            "train": TrainSection, "log": LogSection}  # fmt: skip
-
-
 @dataclass
 class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -127,21 +126,8 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
     def update(self, values: dict[str, Any], source: str = "config") -> None:
-        """Merge ``{"section": {"key": value}}``; unknown sections/keys raise ValueError naming them."""
-        for section, entries in values.items():
-            if section not in SECTIONS:
-                raise ValueError(f"{source}: unknown config section {section!r}; known: {', '.join(SECTIONS)}")
-            if not isinstance(entries, dict):
-                raise ValueError(f"{source}: [{section}] must be a table of keys")
-            target = getattr(self, section)
-            known = {f.name for f in dataclasses.fields(target)}
-            for key, value in entries.items():
-                if key not in known:
-                    raise ValueError(f"{source}: unknown config key {section}.{key}; known: {', '.join(sorted(known))}")
-                if key == "betas":
-                    value = tuple(value)
-                setattr(target, key, value)
-        self.validate()
+        """Merge ``{"section": {"key": value}}`` (see :func:`merge_sections`)."""
+        merge_sections(self, values, source)
 
     def validate(self) -> None:
         if self.mask.kind not in ("auto", "cluster", "frame"):
@@ -154,6 +140,9 @@ class PretrainConfig:
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.train.precision!r}")
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ValueError("train.steps, train.batch_size and train.grad_accum must be positive")
+        from ssamba.models import check_overrides
+
+        self.model.overrides = check_overrides(self.model.name, self.model.overrides)
 
 
 def recipe(model_name: str) -> PretrainConfig:
@@ -166,28 +155,56 @@ def recipe(model_name: str) -> PretrainConfig:
     return cfg
 
 
-def parse_value(text: str) -> Any:
-    """A TOML value (``3``, ``1e-4``, ``true``, ``[0.9, 0.99]``, ``{depth = 2}``); anything else is a string."""
+def merge_sections(cfg: Any, values: dict[str, Any], source: str) -> None:
+    """Merge ``{"section": {"key": value}}`` into a sectioned config dataclass (pretraining, fine-tuning and
+    HuBERT configs alike) and validate it. Every value is converted to its field's type (``ssamba.fields``);
+    unknown sections / keys and wrong types raise a ValueError naming them and ``source``. All or nothing:
+    after an error the config is unchanged."""
+    before = copy.deepcopy(cfg.__dict__)
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+        sections = field_types(type(cfg))
+        for section, entries in values.items():
+            if section not in sections:
+                raise ValueError(f"unknown config section {section!r}; known: {', '.join(sorted(sections))}")
+            if not dataclasses.is_dataclass(sections[section]):  # a top-level key (e.g. HuBERT's test)
+                setattr(cfg, section, coerce(entries, sections[section], section))
+                continue
+            if not isinstance(entries, dict):
+                raise ValueError(f"[{section}] must be a table of keys, got {entries!r}")
+            target = getattr(cfg, section)
+            for key, value in typed_fields(type(target), entries, section).items():
+                setattr(target, key, value)
+        cfg.validate()
+    except ValueError as e:
+        cfg.__dict__.update(before)
+        raise ValueError(f"{source}: {e}") from None
 
 
-def apply_overrides(cfg: PretrainConfig, pairs: list[str]) -> None:
-    """``section.key=value`` (``model.overrides.depth=2`` sets one model override)."""
+def apply_overrides(cfg: Any, pairs: list[str]) -> None:
+    """``--set section.key=value`` on any sectioned config, the text parsed for the field's type (TOML or JSON
+    values; a string field takes the text as written); ``model.overrides.depth=2`` sets one model override,
+    checked against the model's config by ``validate``. Errors name the flag, the key and the expected type."""
     for pair in pairs:
         key, sep, text = pair.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) < 2:
-            raise ValueError(f"--set expects section.key=value, got {pair!r}")
-        value = parse_value(text.strip())
-        if parts[:2] == ["model", "overrides"] and len(parts) == 3:
-            cfg.model.overrides = {**cfg.model.overrides, parts[2]: value}
-        elif len(parts) == 2:
-            cfg.update({parts[0]: {parts[1]: value}}, source=f"--set {pair}")
+        source = f"--set {pair}"
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ValueError(f"{source}: expected section.key=value")
+        section, name, *rest = parts
+        sections = field_types(type(cfg))
+        if section not in sections or not dataclasses.is_dataclass(sections[section]):
+            raise ValueError(f"{source}: unknown config section {section!r}; known: "
+                             f"{', '.join(s for s, t in sections.items() if dataclasses.is_dataclass(t))}")
+        fields = field_types(sections[section])
+        if name not in fields:
+            raise ValueError(f"{source}: unknown config key {section}.{name}; known: {', '.join(sorted(fields))}")
+        if rest and (fields[name] is not dict or len(rest) != 1):
+            raise ValueError(f"{source}: {section}.{name} is not a table, so {key.strip()} does not exist")
+        if rest:  # one entry of a table, e.g. model.overrides.depth: typed by the model config in validate
+            value = {**getattr(getattr(cfg, section), name), rest[0]: parse_text(text)}
         else:
-            raise ValueError(f"--set expects section.key=value, got {pair!r}")
+            value = parse_text(text, fields[name])
+        merge_sections(cfg, {section: {name: value}}, source)
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from ssamba import features as feats
+from ssamba.data.check import check_splits
 from ssamba.data.datasets import AudioDataset, pad_collate
 from ssamba.data.manifest import read_manifest
 from ssamba.models.hubert import HuBERTModel, create_hubert
@@ -44,7 +46,9 @@ from ssamba.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from ssamba.train.config import merge_sections
 from ssamba.train.distributed import ResumableBatchSampler, setup_distributed
+from ssamba.train.guard import NonFiniteGuard
 from ssamba.train.logging import MetricsLog
 
 __all__ = [
@@ -174,52 +178,15 @@ class ReconSection:
     hidden: int = 0
 
 
-_SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "mask": MaskSection, "loss": LossSection,
-                              "optim": OptimSection, "train": TrainSection, "log": LogSection,
-                              "head": HeadSection, "finetune": FinetuneSection, "recon": ReconSection}  # fmt: skip
-
-
 class _Config:
-    """Shared ``update`` / ``to_dict`` of the section dataclasses below (unknown keys raise, naming them)."""
+    """Shared ``update`` / ``to_dict`` of the section dataclasses below (``merge_sections``: typed values,
+    unknown keys raise naming them); ``--set`` flags go through ``ssamba.train.config.apply_overrides``."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def update(self, values: dict[str, Any], source: str = "config") -> None:
-        sections = {f.name for f in dataclasses.fields(self)}
-        for section, entries in values.items():
-            if section in sections and not dataclasses.is_dataclass(getattr(self, section)):
-                setattr(self, section, entries)  # a top-level key (e.g. test)
-                continue
-            if section not in sections:
-                raise ValueError(f"{source}: unknown config section {section!r}; known: {', '.join(sorted(sections))}")
-            if not isinstance(entries, dict):
-                raise ValueError(f"{source}: [{section}] must be a table of keys")
-            target = getattr(self, section)
-            known = {f.name for f in dataclasses.fields(target)}
-            for key, value in entries.items():
-                if key not in known:
-                    raise ValueError(f"{source}: unknown config key {section}.{key}; known: {', '.join(sorted(known))}")
-                setattr(target, key, tuple(value) if key == "betas" else value)
-        self.validate()
-
-    def set(self, pairs: list[str]) -> None:
-        """``section.key=value`` overrides (TOML values); ``model.overrides.depth=2`` sets one model override."""
-        from ssamba.train.config import parse_value
-
-        for pair in pairs:
-            key, sep, text = pair.partition("=")
-            parts = key.strip().split(".")
-            if not sep or len(parts) < 2:
-                raise ValueError(f"--set expects section.key=value, got {pair!r}")
-            value = parse_value(text.strip())
-            if parts[:2] == ["model", "overrides"] and len(parts) == 3:
-                self.model.overrides = {**self.model.overrides, parts[2]: value}
-                self.validate()
-            elif len(parts) == 2:
-                self.update({parts[0]: {parts[1]: value}}, source=f"--set {pair}")
-            else:
-                raise ValueError(f"--set expects section.key=value, got {pair!r}")
+        merge_sections(self, values, source)
 
     def validate(self) -> None:
         t = self.train
@@ -384,7 +351,7 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
     no_decay = [p for p in params if p.dim() < 2 or getattr(p, "_no_weight_decay", False)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    step, bad, last_eval = 0, 0, {}
+    step, last_eval = 0, {}
     if latest is not None:
         tensors, state = load_checkpoint(latest)
         module.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -395,14 +362,19 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
         if ddp.main:
             print(f"resumed {run} from {latest.name} (step {step})")
     log = MetricsLog(run, cfg.log.tensorboard, resume_step=step if latest is not None else None) if ddp.main else None
+    # non-finite losses: skipped, counted, the run stops after train.max_bad_steps in a row (ssamba.train.guard)
+    guard = NonFiniteGuard(t.max_bad_steps, log.log if log is not None else None, ckpt_dir)
+    if latest is not None:
+        guard.load_state_dict(state)
 
     def checkpoint() -> None:
+        guard.check_weights(module, step)  # every rank: they hold the same weights and must stop together
         if ddp.main:
             tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
             opt_t, opt_meta = optimizer_state(optimizer)
             rng_t, rng_meta = rng_state(torch.Generator())
             state = {"step": step, "optimizer": opt_meta, "sampler": sampler.state_dict(), "rng": rng_meta,
-                     "last_eval": last_eval, "config": cfg.to_dict()}
+                     "last_eval": last_eval, **guard.state_dict(), "config": cfg.to_dict()}
             save_checkpoint(ckpt_dir, step, {**tensors, **opt_t, **rng_t}, state, cfg.log.keep_last)
 
     stop, restore_signals = catch_stop_signals()
@@ -439,15 +411,8 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
             loss_value = float(ddp.mean(loss_sum.to(device)).cpu())
             step += 1
             sampler.advance()
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                bad += 1
-                if log is not None:
-                    log.log({"step": step, "skipped": True, "loss": str(loss_value)})
-                if bad >= t.max_bad_steps:
-                    raise RuntimeError(f"{bad} non-finite losses in a row (step {step}); lower optim.lr")
+            if not guard.check(loss_value, step, optimizer):  # gradients dropped, no update
                 continue
-            bad = 0
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             optimizer.step()
@@ -461,6 +426,7 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
                 bar.set_postfix(loss=f"{loss_value:.3f}", **{k: f"{v:.3f}" for k, v in list(sums.items())[:2]})
                 bar.update(1)
             if eval_fn is not None and ddp.main and (step % cfg.log.eval_every == 0 or step == t.steps):
+                guard.check_weights(module, step)  # eval_fn may save the model (CTC's best head)
                 last_eval = eval_fn(module, step)
                 log.log({"step": step, "split": "valid", **last_eval})
                 tick = time.perf_counter()
@@ -476,7 +442,9 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
             bar.close()
         if log is not None:
             log.close()
-    return {"step": step, "interrupted": None, "valid": last_eval, "main": ddp.main}
+    guard.check_weights(module, step)  # the callers save the final model next
+    return {"step": step, "interrupted": None, "valid": last_eval, "main": ddp.main,
+            "skipped_steps": guard.skipped_steps}
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
@@ -488,6 +456,14 @@ def _seed(seed: int) -> None:
     np.random.seed(seed)
 
 
+def _check_data(cfg: _Config, test: str = "") -> None:
+    """Every split's files from their headers, before anything is built or labelled (ssamba.data.check): a bad
+    file stops the run in seconds; with data.skip_bad the counts are printed (by rank 0 under torchrun)."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    check_splits({"train": cfg.data.train, "valid": cfg.data.valid, "test": test}, skip_bad=cfg.data.skip_bad,
+                 log=print if main else None)
+
+
 def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = False) -> dict:
     """HuBERT masked prediction on k-means targets. Writes RUN/final (``save_pretrained``: the encoder, loadable
     by ``ssamba.models.load_pretrained``) and RUN/final/hubert_heads.safetensors (final_proj, label_embs)."""
@@ -495,6 +471,7 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
     cfg.validate()
     if not cfg.data.labels:
         raise ValueError("data.labels: a label folder from `ssamba hubert labels` is required")
+    _check_data(cfg)
     _seed(cfg.train.seed)
     train_labels, meta = read_labels_for(cfg.data.labels, cfg.data.train)
     model = create_hubert(cfg.model.encoder, cfg.model.size, **cfg.model.overrides)
@@ -538,6 +515,8 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
         tot = {"loss_m": 0.0, "acc_m": 0.0, "acc_u": 0.0, "prior": 0.0}
         n_m = n_u = 0
         for batch in loader:
+            if batch["lengths"].numel() == 0:  # every item left out by data.skip_bad
+                continue
             out = forward(obj, batch, gen, next(obj.parameters()).device)
             tgt = out.masked_targets
             tot["prior"] += float((tgt[tgt != IGNORE] == majority).sum())
@@ -595,6 +574,7 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
     every eval_every steps, keeps the best head (RUN/best), reports its test CER / WER in RUN/metrics.json."""
     run = Path(run)
     cfg.validate()
+    _check_data(cfg, cfg.test)
     _seed(cfg.train.seed)
     h = cfg.head
     if h.units not in ("chars", "phonemes"):
@@ -655,6 +635,8 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
         refs, hyps, loss, n = [], [], 0.0, 0
         device = next(net.parameters()).device
         for batch in loader:
+            if batch["lengths"].numel() == 0:  # every item left out by data.skip_bad
+                continue
             log_probs, frames = net(batch["features"].to(device), batch["lengths"].to(device))
             tgt, tgt_len = targets_of(batch["text"])
             loss += float(net.ctc_loss(log_probs, frames, tgt.to(device), tgt_len.to(device))) * len(batch["text"])
@@ -683,7 +665,8 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
         _save_head(head, run / "best", vocab)
     summary = {"task": "ctc", "metric": "cer" if h.units == "chars" else "per", "units": h.units,
                "init": cfg.finetune.init, "layer": h.layer or "last",
-               "conformer_layers": h.conformer_layers, "steps": result["step"], "vocab": vocab.chars}
+               "conformer_layers": h.conformer_layers, "steps": result["step"],
+               "skipped_steps": result["skipped_steps"], "vocab": vocab.chars}
     if valid_set is not None:
         v = evaluate(head, valid_set)
         summary.update(valid=v["cer"], valid_wer=v["wer"], best_step=best.get("step"))
@@ -718,6 +701,7 @@ def reconstruct(cfg: ReconstructConfig, run: str | Path, resume: bool = False) -
     encoder; reports MSE and R^2 = 1 - MSE / variance of the normalised target on valid and test."""
     run = Path(run)
     cfg.validate()
+    _check_data(cfg, cfg.test)
     _seed(cfg.train.seed)
     r = cfg.recon
     encoder = _encoder(cfg)
@@ -757,6 +741,8 @@ def reconstruct(cfg: ReconstructConfig, run: str | Path, resume: bool = False) -
         sq, cells, targets = 0.0, 0, []
         device = next(net.parameters()).device
         for batch in loader:
+            if batch["lengths"].numel() == 0:  # every item left out by data.skip_bad
+                continue
             _, s, tgt, _ = batch_loss(net, batch, device, gen)
             sq, cells = sq + s, cells + tgt.numel()
             targets.append(tgt.double().cpu())
@@ -772,7 +758,8 @@ def reconstruct(cfg: ReconstructConfig, run: str | Path, resume: bool = False) -
     if result["interrupted"] is not None or not result["main"]:
         return result
     summary = {"task": "reconstruct" if r.noise_snr_db is None else "denoise", "metric": "r2",
-               "init": cfg.finetune.init, "layer": cfg.head.layer or "last", "steps": result["step"]}
+               "init": cfg.finetune.init, "layer": cfg.head.layer or "last", "steps": result["step"],
+               "skipped_steps": result["skipped_steps"]}
     if cfg.data.valid:
         summary["valid"] = evaluate(head, cfg.data.valid)
     if cfg.test:

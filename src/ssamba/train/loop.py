@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssamba.data.check import check_splits
 from ssamba.data.datasets import AudioDataset
 from ssamba.models import create_model
 from ssamba.pretrain.masking import cluster_patch_mask, frame_mask, mask_count
@@ -37,13 +37,10 @@ from ssamba.train.checkpoint import (
 from ssamba.train.checkpoint import save_checkpoint as write_checkpoint
 from ssamba.train.config import PretrainConfig
 from ssamba.train.distributed import ResumableBatchSampler, setup_distributed
+from ssamba.train.guard import NonFiniteGuard, NonFiniteLossError
 from ssamba.train.logging import MetricsLog
 
 __all__ = ["NonFiniteLossError", "pretrain"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many skipped steps (non-finite loss, or no usable item) in a row."""
 
 
 def _patch_counts(lengths: torch.Tensor, cfg: PretrainConfig, encoder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,24 +63,6 @@ def _draw_masks(n: torch.Tensor, t_cols: torch.Tensor, cfg: PretrainConfig, fram
     m = mask_count(int(n.min()), cfg.mask.mask_patch, cfg.mask.reference_patches)
     mpc = _mask(n, t_cols, m, frame, gen)
     return mpc, (_mask(n, t_cols, m, frame, gen) if cfg.mask.two_pass else None), m
-
-
-def _skip_step(step: int, bad_in_row: int, skipped_total: int, sampler, optimizer, log, cfg: PretrainConfig,
-               reason: str) -> tuple[int, int, int]:
-    """Consume the batch without an update (non-finite loss, or nothing usable in it); stop after
-    ``train.max_bad_steps`` in a row. Returns the new (step, bad_in_row, skipped_total)."""
-    step += 1
-    sampler.advance()
-    optimizer.zero_grad(set_to_none=True)
-    bad_in_row += 1
-    if log is not None:
-        log.log({"step": step, "skipped": True, "reason": reason})
-    if bad_in_row >= cfg.train.max_bad_steps:
-        raise NonFiniteLossError(
-            f"{bad_in_row} skipped steps in a row (step {step}, last: {reason}); lower optim.lr, set optim.grad_clip,"
-            " or check the data (data.mean / data.std, unreadable files)"
-        )
-    return step, bad_in_row, skipped_total + 1
 
 
 @torch.no_grad()
@@ -120,6 +99,9 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
     device_kind = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     ddp = setup_distributed(device_kind)
     device = torch.device(f"cuda:{ddp.local_rank}" if device_kind == "cuda" else "cpu")
+    # every split's files from their headers, before anything is built: a bad file stops the run in seconds
+    check_splits({"train": cfg.data.train, "valid": cfg.data.valid}, skip_bad=cfg.data.skip_bad,
+                 log=print if ddp.main else None)
     ckpt_dir = run / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if resume else None
     if ddp.main:
@@ -182,7 +164,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
         return torch.autocast(device_kind, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     # -- resume: model, optimizer, scheduler, scaler, step, RNGs, data position
-    step, bad_in_row, skipped_total = 0, 0, 0
+    step = 0
     if latest is not None:
         tensors, state = load_checkpoint(latest)
         objective.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -192,20 +174,25 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
             scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         restore_rng(tensors, state["rng"], mask_gen)
-        step, bad_in_row, skipped_total = state["step"], state["bad_in_row"], state["skipped_steps"]
+        step = state["step"]
         if ddp.main:
             print(f"resumed {run} from {latest.name} (step {step})")
     log = MetricsLog(run, cfg.log.tensorboard, resume_step=step if latest is not None else None) if ddp.main else None
+    # non-finite losses: skipped, counted, the run stops after train.max_bad_steps in a row (ssamba.train.guard)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, log.log if log is not None else None, ckpt_dir)
+    if latest is not None:
+        guard.load_state_dict(state)
 
     def save_checkpoint() -> None:
+        guard.check_weights(objective, step)  # every rank: they hold the same weights and must stop together
         if not ddp.main:
             return
         tensors = {f"model.{k}": v for k, v in objective.state_dict().items()}
         opt_tensors, opt_meta = optimizer_state(optimizer)
         rng_tensors, rng_meta = rng_state(mask_gen)
         state = {"step": step, "optimizer": opt_meta, "plateau": plateau.state_dict(), "scaler": scaler.state_dict(),
-                 "sampler": sampler.state_dict(), "rng": rng_meta, "bad_in_row": bad_in_row,
-                 "skipped_steps": skipped_total, "config": cfg.to_dict()}  # fmt: skip
+                 "sampler": sampler.state_dict(), "rng": rng_meta, **guard.state_dict(),
+                 "config": cfg.to_dict()}  # fmt: skip
         write_checkpoint(ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, state, cfg.log.keep_last)
 
     # -- SIGINT / SIGTERM: finish the current step, save, exit
@@ -249,9 +236,10 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
             slots = slots.transpose(0, 1).reshape(-1)  # (B,) global order, -1 = left out
             present = slots >= 0
             total = int(present.sum())  # usable items in the global batch
-            if total == 0:
-                step, bad_in_row, skipped_total = _skip_step(step, bad_in_row, skipped_total, sampler, optimizer,
-                                                             log, cfg, "no usable items in the batch")
+            if total == 0:  # consume the batch without an update
+                step += 1
+                sampler.advance()
+                guard.skip(step, optimizer, "no usable items in the batch")
                 continue
             n, t_cols = _patch_counts(slots[present], cfg, encoder)  # (B_usable,)
             mpc_all, mpg_all, m = _draw_masks(n, t_cols, cfg, frame, mask_gen)
@@ -281,13 +269,10 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
             sums = ddp.mean(sums.to(device)).cpu()
             loss, nce, mse, acc = sums.tolist()
 
-            if not math.isfinite(loss):
-                step, bad_in_row, skipped_total = _skip_step(step, bad_in_row, skipped_total, sampler, optimizer,
-                                                             log, cfg, f"non-finite loss {loss}")
-                continue
             step += 1
             sampler.advance()
-            bad_in_row = 0
+            if not guard.check(loss, step, optimizer):  # gradients dropped, the optimizer and scaler untouched
+                continue
             if o.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(objective.parameters(), o.grad_clip)
@@ -329,6 +314,8 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
             log.close()
 
     final = None
+    guard.check_weights(objective, step)
     if ddp.main:
         final = objective.save_pretrained(run / "final")
-    return {"step": step, "interrupted": None, "final": str(final) if final else None, "skipped_steps": skipped_total}
+    return {"step": step, "interrupted": None, "final": str(final) if final else None,
+            "skipped_steps": guard.skipped_steps}
