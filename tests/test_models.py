@@ -98,7 +98,7 @@ def test_save_and_load_round_trip(tmp_path):
     for name in ("ssamba_tiny", "ssast_tiny"):
         model = create_model(name, num_classes=5, **SMALL).eval()
         out = model.save_pretrained(tmp_path / name)
-        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+        assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
         meta = json.loads((out / "config.json").read_text())
         assert meta["family"] == name.split("_")[0] and meta["config"]["num_classes"] == 5
         cls = SSAMBAModel if name.startswith("ssamba") else SSASTModel

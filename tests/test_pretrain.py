@@ -110,6 +110,8 @@ def test_pretrain_cli_run(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
     assert json.loads((run / "config.json").read_text())["train"]["grad_accum"] == 2
     assert MaskedPatchPretraining.from_pretrained(run / "final").encoder.config.depth == 2
+    card = (run / "final" / "README.md").read_text()  # the Hub model card: how it was trained, its metrics
+    assert f"ssamba pretrain --model ssast_tiny --train {manifest}" in card and "| valid acc (step 6) |" in card
 
 
 def test_existing_run_needs_resume(tmp_path):

@@ -38,6 +38,25 @@ def _data_stats(args) -> int:
     return 0
 
 
+def _data_prepare(args) -> int:
+    from ssamba.data.prepare import prepare
+
+    options = {key: value for key in ("version", "classes", "subsets", "seed")
+               if (value := getattr(args, key)) is not None}
+    summary = prepare(args.name, args.root, args.out, **options)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("missing", "skipped")}, indent=1))
+        return 0
+    print(f"{args.name}: {summary['classes']} classes; manifests, labels.csv and prepare.json in {args.out}")
+    print(f"  {'split':14s} {'files':>8s} {'classes':>8s} {'missing':>8s}")
+    for split, row in summary["splits"].items():
+        print(f"  {split:14s} {row['files']:8d} {row['classes']:8d} {row['missing']:8d}")
+    if summary["skipped_count"]:
+        reasons = "; ".join(f"{n} {reason}" for reason, n in summary["skipped_reasons"].items())
+        print(f"  left out: {reasons}")
+    return 0
+
+
 def _conformance(args) -> int:
     from ssamba.convert import conformance_cli
 
@@ -317,13 +336,15 @@ def _embed(args) -> int:
 
     try:
         summary = embed(args.model, args.inputs, args.out, pool=args.pool, fmt=args.format,
-                        batch_size=args.batch_size, skip_bad=args.skip_bad)  # fmt: skip
+                        batch_size=args.batch_size, skip_bad=args.skip_bad, hop_frames=args.hop_frames,
+                        progress=not args.quiet)  # fmt: skip
     except ValueError as e:
         print(f"ssamba embed: error: {e}", file=sys.stderr)
         return 2
-    cut = summary["cut_to_input_tdim"]
-    print(f"{len(summary['files'])} clips x {summary['layers']} layers x {summary['width']} -> {args.out} "
-          f"(+ .json)" + (f"; {cut} cut to input_tdim" if cut else ""))
+    windowed = summary["windowed"]
+    print(f"{len(summary['files'])} clips x {summary['layers']} layers x {summary['width']} -> {args.out} (+ .json)"
+          + (f"; {windowed} longer than the model's input, embedded in windows of {summary['window_frames']} "
+             f"frames every {summary['hop_frames']}" if windowed else ""))
     return 0
 
 
@@ -483,6 +504,21 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable files")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_data_stats)
+    from ssamba.data.prepare import PREPARERS
+
+    prep = data_commands.add_parser("prepare", help="manifests + labels.csv of a corpus from its standard layout")
+    prep.add_argument("name", choices=list(PREPARERS), help="corpus")
+    prep.add_argument("root", type=Path, help="the corpus folder, as distributed")
+    prep.add_argument("--out", type=Path, required=True, help="folder for <split>.json, labels.csv, prepare.json")
+    prep.add_argument("--version", type=int, default=None, choices=[1, 2], help="speechcommands: v0.01 or v0.02 "
+                      "(default 2)")
+    prep.add_argument("--classes", type=int, default=None, choices=[35, 12],
+                      help="speechcommands: every word (default) or SUPERB's 12 with _unknown_ and _silence_")
+    prep.add_argument("--subsets", default=None,
+                      help="librispeech: comma-separated (default train-clean-100,dev-clean,test-clean)")
+    prep.add_argument("--seed", type=int, default=None, help="speechcommands 12-class: _silence_ cut offsets (0)")
+    prep.add_argument("--json", action="store_true", help="print the summary as JSON")
+    prep.set_defaults(func=_data_prepare)
     hub = commands.add_parser("hubert", help="Mamba-HuBERT: k-means targets, masked prediction pretraining, "
                                              "CTC fine-tuning, reconstruction probe")
     hub_commands = hub.add_subparsers(dest="hubert_command", required=True, metavar="COMMAND")
@@ -578,10 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("inputs", nargs="+", help="a manifest, or audio files")
     em.add_argument("--model", required=True, help="save_pretrained folder, pretraining run, or fine-tuning run")
     em.add_argument("--out", type=Path, required=True, help="output file (suffix set by --format) + OUT.json")
-    em.add_argument("--pool", default="mean", choices=["mean", "none"],
-                    help="mean over each clip's patch tokens (N, L+1, C), or all tokens per clip")
+    em.add_argument("--pool", default="mean", choices=["mean", "frames", "none"],
+                    help="mean over each clip's patch tokens (N, L+1, C); frames: one vector per time column "
+                         "with its time in seconds; none: all tokens per clip (clips within the model's input)")
     em.add_argument("--format", default="npy", choices=["npy", "safetensors"])
+    em.add_argument("--hop-frames", type=int, default=None,
+                    help="recordings longer than the model's input run in windows of its input_tdim frames "
+                         "every this many frames (default half a window; a multiple of the patch stride)")
     em.add_argument("--batch-size", type=int, default=16)
+    em.add_argument("--quiet", action="store_true", help="no progress bar for long recordings")
     em.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable files")
     em.set_defaults(func=_embed)
 

@@ -167,7 +167,7 @@ def analyze(panels: list[Panel], manifests: list, *, labels=None, cfg: AnalysisC
     """MI curves of every model of every panel on the clips of ``manifests`` (paths or Example lists).
     Writes ``out/mi.json`` (and ``out/mi.png`` when matplotlib is installed) when ``out`` is given, and each
     model's results to ``out/models/<hash>.json``, reused by a rerun with the same weights, data and settings."""
-    from ssamba.data import read_manifest
+    from ssamba.data import check_splits, read_manifest
 
     cfg = cfg or AnalysisConfig()
     if not panels or not any(p.models for p in panels):
@@ -175,6 +175,8 @@ def analyze(panels: list[Panel], manifests: list, *, labels=None, cfg: AnalysisC
     examples = []
     for m in manifests:
         examples.extend(read_manifest(m) if isinstance(m, (str, Path)) else m)
+    # every file's header before any model runs: a bad file stops the analysis in seconds, naming it
+    check_splits({"data": examples}, skip_bad=False, log=None, hint=None)
     result: dict = {"config": asdict(cfg), "data": [str(m) for m in manifests if isinstance(m, (str, Path))],
                     "panels": []}
     for panel in panels:

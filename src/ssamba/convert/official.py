@@ -328,4 +328,6 @@ def convert_checkpoint(
     if not isinstance(official_kwargs, dict):
         official_kwargs = json.loads(Path(official_kwargs).read_text())
     model = import_official(in_path, family, official_kwargs)
-    return model.save_pretrained(out_dir)
+    card = {"source": f"Converted by `ssamba convert` from the official {family.upper()} checkpoint "
+                      f"`{Path(in_path).name}` (constructor arguments: `{json.dumps(official_kwargs)}`)."}
+    return model.save_pretrained(out_dir, card)

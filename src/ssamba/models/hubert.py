@@ -340,11 +340,11 @@ class HuBERTModel(nn.Module):
         return outputs, frame_lengths
 
     # -- checkpoints
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` ({"family": "hubert", "config"}) and ``model.safetensors``."""
+    def save_pretrained(self, directory: str | Path, card: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` ({"family": "hubert", "config"}), ``model.safetensors`` and the model card."""
         from ssamba.models.spectrogram import save_model_folder
 
-        return save_model_folder(self, directory)
+        return save_model_folder(self, directory, card)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> HuBERTModel:

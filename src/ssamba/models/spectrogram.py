@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ssamba.fields import typed_fields
+from ssamba.models.hub import resolve_model_dir, write_model_card
 from ssamba.nn.attention import ATTENTION_IMPLS, TransformerBlock
 from ssamba.nn.layers import DropPath, lengths_to_mask, reverse_padded
 from ssamba.nn.mamba import InnerBiMamba
@@ -334,6 +335,14 @@ class SpectrogramEncoder(nn.Module):
         layers, _, token_lengths = self._encode(*self.embed_patches(x, lengths), keep_layers=True)
         return [self._zero_padding(h, token_lengths) for h in layers], token_lengths
 
+    def extract_features_with_final(self, x: Tensor, lengths: Tensor | None = None
+                                    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """``extract_features`` and ``forward_features`` from one forward: (per-layer outputs, final normalised
+        tokens (B, K, C), token lengths (B,)); padding positions are zero."""
+        layers, final, token_lengths = self._encode(*self.embed_patches(x, lengths), keep_layers=True)
+        return ([self._zero_padding(h, token_lengths) for h in layers], self._zero_padding(final, token_lengths),
+                token_lengths)
+
     def forward_features(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """fbank (B, T, F), valid frames (B,) or None -> (final normalised tokens (B, K, C), token lengths).
         Special tokens first, then patches frequency-major; padding positions are zero."""
@@ -356,13 +365,15 @@ class SpectrogramEncoder(nn.Module):
         return h.masked_fill(~lengths_to_mask(token_lengths, h.shape[1])[..., None], 0.0)
 
     # -- checkpoints
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` ({"family", "config"}) and ``model.safetensors`` into ``directory``."""
-        return save_model_folder(self, directory)
+    def save_pretrained(self, directory: str | Path, card: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` ({"family", "config"}), ``model.safetensors`` and the ``README.md`` model card
+        (``card``: training command, config, metrics, source; see ``ssamba.models.hub``) into ``directory``."""
+        return save_model_folder(self, directory, card)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> SpectrogramEncoder:
-        """Load a ``save_pretrained`` folder (safetensors only, nothing is unpickled).
+        """Load a ``save_pretrained`` folder, or a Hub repo id with ``huggingface_hub`` installed (safetensors
+        only, nothing is unpickled).
 
         ``overrides`` change config fields: a new stride / input_tdim converts the position embedding with
         the official cut/interpolation; a different ``num_classes`` gets a freshly initialised head.
@@ -542,9 +553,11 @@ class SSASTModel(SpectrogramEncoder):
 FAMILIES: dict[str, type[SpectrogramEncoder]] = {"ssamba": SSAMBAModel, "ssast": SSASTModel}
 
 
-def save_model_folder(model: nn.Module, directory: str | Path) -> Path:
+def save_model_folder(model: nn.Module, directory: str | Path, card: dict[str, Any] | None = None) -> Path:
     """The folder every family saves (``save_pretrained``) and ``load_pretrained`` reads: ``config.json``
-    ({"family": model.family, "config": model.config.to_dict()}) and ``model.safetensors`` (nothing pickled)."""
+    ({"family": model.family, "config": model.config.to_dict()}), ``model.safetensors`` (nothing pickled) and the
+    ``README.md`` model card (``ssamba.models.hub.write_model_card``; ``card``: what the caller knows of its
+    training): a Hugging Face Hub model repo as it stands."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -553,6 +566,7 @@ def save_model_folder(model: nn.Module, directory: str | Path) -> Path:
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "family": model.family})
+    write_model_card(model, directory, card)
     return directory
 
 
@@ -568,7 +582,9 @@ def load_pretrained(directory: str | Path, expect: type | None = None, **overrid
     any registered family (``register_family``) loads through here."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
+    directory = resolve_model_dir(directory)
+    if not (directory / CONFIG_FILE).exists():
+        raise ValueError(f"{directory} is not a saved model folder: {CONFIG_FILE} is missing")
     meta = json.loads((directory / CONFIG_FILE).read_text())
     family = meta.get("family")
     if family not in FAMILIES:

@@ -162,11 +162,11 @@ class MaskedPatchPretraining(nn.Module):
         g = self.mpg(x, mpg_mask_index, lengths)
         return MSPMOutput(loss=c.nce + mpg_weight * g.mse, acc=c.acc, nce=c.nce, mse=g.mse)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, card: dict | None = None) -> Path:
         """The encoder's ``save_pretrained`` files plus ``mspm.safetensors`` (mask_embed, c/gpredlayer)."""
         from safetensors.torch import save_file
 
-        directory = self.encoder.save_pretrained(directory)
+        directory = self.encoder.save_pretrained(directory, card)
         heads = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
         save_file(heads, str(directory / HEADS_FILE), metadata={"format": "pt"})
         return directory

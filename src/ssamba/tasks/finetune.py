@@ -230,7 +230,10 @@ def save_classifier(model: nn.Module, directory: Path, meta: dict) -> Path:
 
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    _encoder(model).save_pretrained(tmp)
+    _encoder(model).save_pretrained(tmp, {"notes": (
+        f"Fine-tuned by `ssamba finetune` (task {meta.get('task')}, {meta.get('mode')}; the checkpoint of the best "
+        f"validation, step {meta.get('step')}); labels and normalisation are in `{META_FILE}`, load it with "
+        "`ssamba.tasks.finetune.load_classifier`.")})
     if isinstance(model, WeightedSumProbe):
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                  if not k.startswith("encoder.")}  # fmt: skip

@@ -534,7 +534,10 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
     if result["interrupted"] is None and result["main"]:
         from safetensors.torch import save_file
 
-        final = model.save_pretrained(run / "final")
+        final = model.save_pretrained(run / "final", {
+            "command": f"ssamba hubert pretrain --train {cfg.data.train} --labels {cfg.data.labels} --out {run} "
+                       f"--config {run / 'config.json'}", "config": cfg.to_dict(),
+            "metrics": {f"valid {k}": v for k, v in result["valid"].items()}})
         save_file({"final_proj.weight": objective.final_proj.weight.detach().contiguous(),
                    "final_proj.bias": objective.final_proj.bias.detach().contiguous(),
                    "label_embs": objective.label_embs.detach().contiguous()}, str(final / "hubert_heads.safetensors"))

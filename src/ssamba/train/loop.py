@@ -207,6 +207,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
         log.log({"step": 0, "split": "valid", **validate(objective, valid_loader, cfg, frame, device, autocast)})
     batches = iter(loader)
     tick = time.perf_counter()
+    last_valid: dict = {}  # the model card's metrics
     try:
         while step < cfg.train.steps:
             # learning rate warm-up (official: lr = step/warmup * lr, updated every `warmup_every` steps; it
@@ -298,6 +299,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
                 plateau.step(ddp.broadcast(result["acc"], device))
                 if log is not None:
                     log.log({"step": step, "split": "valid", **result})
+                last_valid = {f"valid {k} (step {step})": v for k, v in result.items()}
                 tick = time.perf_counter()  # validation time is not training throughput
 
             interrupted = ddp.any(stop["signal"] is not None, device)
@@ -316,6 +318,8 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
     final = None
     guard.check_weights(objective, step)
     if ddp.main:
-        final = objective.save_pretrained(run / "final")
+        card = {"command": f"ssamba pretrain --model {cfg.model.name} --train {cfg.data.train} --out {run} "
+                           f"--config {run / 'config.json'}", "config": cfg.to_dict(), "metrics": last_valid}
+        final = objective.save_pretrained(run / "final", card)
     return {"step": step, "interrupted": None, "final": str(final) if final else None,
             "skipped_steps": guard.skipped_steps}
