@@ -79,6 +79,19 @@ def _bench_scan(args) -> int:
     return 0
 
 
+def _bench_embed(args) -> int:
+    from ssamba.bench.embed import format_table, run
+
+    try:
+        seconds = tuple(float(x) for x in args.seconds.split(",") if x.strip())
+    except ValueError:
+        print(f"ssamba bench embed: error: --seconds wants numbers like 10,300, got {args.seconds!r}", file=sys.stderr)
+        return 2
+    result = run(args.model, seconds, threads=args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
 def _bench_models(args) -> int:
     from ssamba.bench import models as bench
     from ssamba.fields import parse_text
@@ -443,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--quick", action="store_true", help="L = 512 and 2048 only")
     scan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     scan.set_defaults(func=_bench_scan)
+    be = bench_commands.add_parser("embed", help="ssamba embed on long recordings: x real time, peak memory")
+    be.add_argument("--model", default="ssamba_tiny", help="registry name (random init; default ssamba_tiny)")
+    be.add_argument("--seconds", default="10,300", help="recording durations, comma-separated (default 10,300)")
+    be.add_argument("--threads", type=int, default=None, help="torch threads in the child (default: all)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=_bench_embed)
     bm = bench_commands.add_parser(
         "models", help="SSAMBA vs SSAST batch-inference time and peak memory against the token count")
     bm.add_argument("--models", default=None, help="comma-separated registry names (default: ssamba_tiny,ssast_tiny)")
