@@ -237,6 +237,15 @@ def run(quick: bool = False, lengths: tuple[int, ...] | None = None, measure_mem
     lengths = lengths or (QUICK_LENGTHS if quick else LENGTHS)
     budget_s = 2.0 if quick else 4.0
     say = log or (lambda message: None)
+    # Compile first: numba builds (or loads from its cache) each kernel at its first call, which would
+    # otherwise be timed as the warm-up call of the first length (seconds in a fresh cache, e.g. a new
+    # NUMBA_CPU_NAME target).
+    say("compiling / loading the kernels")
+    small, small_grad = make_inputs(8), torch.randn(BATCH, CHANNELS, 8)
+    for method in methods().values():
+        for call in _calls(method, small, small_grad):
+            call()
+    del small, small_grad
     rows = []
     for length in lengths:
         inputs = make_inputs(length)
