@@ -43,3 +43,28 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in NUMERICS_MODULES:
             item.add_marker(pytest.mark.numerics)
+
+
+def one_error_line(err: str) -> str:
+    """stderr of a command that failed on the user's input or a diverged run: one line, no traceback."""
+    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    return err
+
+
+def assert_stopped_by_divergence(run, err: str) -> tuple[dict, dict]:
+    """The non-finite guard's contract for a run with train.max_bad_steps=2 that diverged: one stderr line naming
+    the cause and the last good checkpoint, both skipped steps logged and counted, nothing written after the
+    divergence. Returns that checkpoint's (tensors, state)."""
+    import json
+
+    from ssamba.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    one_error_line(err)
+    assert "training diverged: 2 skipped steps in a row" in err and "non-finite loss" in err
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [m for m in metrics if m.get("skipped")]
+    assert [m["skipped_steps"] for m in skipped] == [1, 2] and all("non-finite loss" in m["reason"] for m in skipped)
+    good = [m["step"] for m in metrics if "loss" in m]
+    last = latest_checkpoint(run / "checkpoints")
+    assert good and last.name == f"step_{good[-1]:08d}" and str(last) in err
+    return load_checkpoint(last)

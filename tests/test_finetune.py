@@ -23,9 +23,8 @@ from ssamba.tasks.finetune import (
     resolve_init,
 )
 from ssamba.tasks.recipes import FinetuneConfig, task_recipe
-from ssamba.train.checkpoint import latest_checkpoint, load_checkpoint
 from ssamba.train.config import apply_overrides
-from tests.conftest import FP32_REORDER
+from tests.conftest import FP32_REORDER, assert_stopped_by_divergence, one_error_line
 
 SSAST = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 SSAMBA = {"embed_dim": 32, "depth": 2}
@@ -289,12 +288,6 @@ def cli_args(train, valid, labels, run, *extra) -> list[str]:
             "--set", "log.log_every=1", *extra]  # fmt: skip
 
 
-def one_error_line(err: str) -> str:
-    """stderr of a command that failed on the user's input or a diverged run: one line, no traceback."""
-    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
-    return err
-
-
 def test_divergence_is_skipped_counted_and_stops_with_exit_2(task, tmp_path, capsys):
     # lr 1e30: the first update throws the weights to ~1e30 (still finite), the next forward overflows to NaN
     train, valid, labels = task
@@ -303,16 +296,8 @@ def test_divergence_is_skipped_counted_and_stops_with_exit_2(task, tmp_path, cap
                     "--set", "log.ckpt_every=1", "--set", "train.max_bad_steps=2")  # fmt: skip
     capsys.readouterr()
     assert main(args) == 2
-    err = one_error_line(capsys.readouterr().err)
-    assert "training diverged: 2 skipped steps in a row" in err and "non-finite loss" in err
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    skipped = [m for m in metrics if m.get("skipped")]
-    assert [m["skipped_steps"] for m in skipped] == [1, 2] and all("non-finite loss" in m["reason"] for m in skipped)
-    good = [m["step"] for m in metrics if "loss" in m]
-    last = latest_checkpoint(run / "checkpoints")
-    assert good and last.name == f"step_{good[-1]:08d}" and str(last) in err  # nothing written after the divergence
+    tensors, state = assert_stopped_by_divergence(run, capsys.readouterr().err)
     assert not (run / "metrics.json").exists()
-    tensors, state = load_checkpoint(last)
     model = build_classifier(FinetuneConfig.from_dict(state["config"]), 2)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())

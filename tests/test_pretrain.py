@@ -14,9 +14,9 @@ from ssamba.cli import main
 from ssamba.data.manifest import Example, read_manifest, write_manifest
 from ssamba.models import create_model
 from ssamba.pretrain import MaskedPatchPretraining
-from ssamba.train.checkpoint import latest_checkpoint, load_checkpoint
 from ssamba.train.config import PretrainConfig, apply_overrides, load_config, recipe
 from ssamba.train.loop import NonFiniteLossError, pretrain
+from tests.conftest import assert_stopped_by_divergence, one_error_line
 
 TINY = ["--set", "model.overrides.embed_dim=32", "--set", "model.overrides.depth=2", "--set", "data.target_length=48",
         "--set", "data.num_workers=0", "--set", "log.progress=false", "--set", "log.tensorboard=false",
@@ -154,12 +154,6 @@ def test_tensorboard_scalars(tmp_path):
     assert len(losses) >= len(train) and math.isclose(losses[0], train[0], rel_tol=1e-6)
 
 
-def one_error_line(err: str) -> str:
-    """stderr of a command that failed on the user's input or a diverged run: one line, no traceback."""
-    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
-    return err
-
-
 def test_divergence_stops_with_exit_2_keeping_the_last_good_checkpoint(tmp_path, capsys):
     # lr 1e30: the first update throws the weights to ~1e30 (still finite), the next forward overflows to NaN
     manifest = make_corpus(tmp_path, items=8)
@@ -169,15 +163,7 @@ def test_divergence_stops_with_exit_2_keeping_the_last_good_checkpoint(tmp_path,
             "--set", "log.ckpt_every=1", "--set", "train.max_bad_steps=2"]  # fmt: skip
     capsys.readouterr()
     assert main(args) == 2
-    err = one_error_line(capsys.readouterr().err)
-    assert "training diverged: 2 skipped steps in a row" in err and "non-finite loss" in err
-    metrics = read_metrics(run)
-    skipped = [m for m in metrics if m.get("skipped")]
-    assert [m["skipped_steps"] for m in skipped] == [1, 2] and all("non-finite loss" in m["reason"] for m in skipped)
-    good = [m["step"] for m in metrics if "loss" in m]
-    last = latest_checkpoint(run / "checkpoints")
-    assert good and last.name == f"step_{good[-1]:08d}" and str(last) in err  # nothing written after the divergence
-    tensors, state = load_checkpoint(last)
+    tensors, state = assert_stopped_by_divergence(run, capsys.readouterr().err)
     c = state["config"]
     objective = MaskedPatchPretraining(create_model(c["model"]["name"], input_tdim=c["data"]["target_length"],
                                                     **c["model"]["overrides"]))  # fmt: skip
