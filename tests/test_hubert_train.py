@@ -298,3 +298,19 @@ def test_an_empty_wav_in_any_split_stops_before_labels_or_training(corpus, tmp_p
     assert main([*args, "--set", "data.skip_bad=true"]) == 0
     assert "data check: train 0 of 4 unusable, valid 0 of 2 unusable, test 1 of 3 unusable (left out)" in (
         capsys.readouterr().out)
+
+
+def test_skip_bad_with_a_micro_batch_of_only_bad_files(corpus, tmp_path):
+    """Batch size 1 over a train split holding an empty WAV: that micro-batch has no item left; the step still
+    runs (the previous micro-batch again with weight 0), so the run finishes instead of failing on a (0,) batch."""
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    entries = [{**e, "wav": str(corpus["root"] / e["wav"])} for e in json.loads(corpus["train"].read_text())["data"]]
+    train = tmp_path / "train_with_empty.json"
+    train.write_text(json.dumps({"data": [*entries, {"wav": str(empty), "transcript": "ab"}]}))
+    run = tmp_path / "ctc"
+    assert main(["hubert", "finetune", "--train", str(train), "--valid", str(corpus["valid"]), "--out", str(run),
+                 "--size", "tiny", "--steps", str(2 * (len(entries) + 1)), "--batch-size", "1",
+                 "--set", "data.skip_bad=true", "--set", "log.progress=false", "--set", "log.eval_every=100"]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in metrics) == 2 * (len(entries) + 1)

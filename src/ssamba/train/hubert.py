@@ -386,6 +386,7 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
     if latest is None and eval_fn is not None and ddp.main:  # the untrained baseline, step 0
         log.log({"step": 0, "split": "valid", **eval_fn(module, 0)})
     batches = iter(loader)
+    last_batch = None
     tick = time.perf_counter()
     try:
         while step < t.steps:
@@ -396,15 +397,26 @@ def _run_loop(run: Path, cfg: _Config, module: torch.nn.Module, train_set, step_
             sums: dict[str, float] = {}
             loss_sum = torch.zeros((), dtype=torch.float64)
             for a in range(t.grad_accum):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    batches = iter(loader)
-                    batch = next(batches)
+                batch = None
+                while batch is None or (batch["lengths"].numel() == 0 and last_batch is None):
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        batches = iter(loader)
+                        batch = next(batches)
+                # Every item of this micro-batch was left out by data.skip_bad: the previous micro-batch again with
+                # weight 0, so that this process still joins DDP's gradient all-reduce (a rank that skipped its
+                # backward would leave its peers waiting) and adds nothing to the step. Before any usable
+                # micro-batch exists, the next one is drawn instead.
+                empty = batch["lengths"].numel() == 0
+                batch = last_batch if empty else batch
+                last_batch = batch
                 sync = a == t.grad_accum - 1 or not ddp.enabled
                 with model.no_sync() if not sync else contextlib.nullcontext():
                     loss, metrics = step_fn(model, batch, step, a, ddp.rank, device)
-                    (loss / t.grad_accum).backward()
+                    (loss * 0.0 if empty else loss / t.grad_accum).backward()
+                if empty:
+                    continue
                 loss_sum += float(loss.detach()) / t.grad_accum
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / t.grad_accum
