@@ -34,9 +34,9 @@ fi
 STAMP="$VENV/.ssamba-setup"
 WANT="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16) $TORCH_SPEC"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-    echo "[setup] installing $TORCH_SPEC and ssamba[dev,plot,tensorboard] into $VENV"
+    echo "[setup] installing $TORCH_SPEC and ssamba[dev,plot,tensorboard,triton] into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${TORCH_INDEX[@]}" "$TORCH_SPEC"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev,plot,tensorboard]"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev,plot,tensorboard,triton]"
     echo "$WANT" > "$STAMP"
 fi

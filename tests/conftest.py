@@ -1,6 +1,18 @@
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton's interpreter for the triton scan backend (tests/test_scan_triton.py) on machines without a CUDA device:
+# Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel (triton.knobs.runtime.interpret, in
+# triton/runtime/jit.py), i.e. when ssamba.ops.scan_triton is first imported, by whichever module imports
+# ssamba.ops first. pytest imports this file before any test module, so this is the one place that is early enough
+# for the whole session (an environment variable set in a fixture or in the test module would be too late once
+# another module has imported ssamba). With a CUDA device the kernels compile for it and the same tests run on CUDA
+# tensors; an explicit TRITON_INTERPRET (0 or 1) in the environment is left alone.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # ../shared/conformance beside the checkout (CI always has it; a user's clone may not).
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"

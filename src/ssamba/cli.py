@@ -72,9 +72,19 @@ def _convert(args) -> int:
 
 
 def _bench_scan(args) -> int:
-    from ssamba.bench.scan import format_table, run
+    import torch
 
-    result = run(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
+    from ssamba.bench.scan import format_table, run, run_cuda
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("ssamba bench scan: error: --device cuda needs a CUDA device (torch.cuda.is_available() is False "
+                  "here); nothing was measured", file=sys.stderr)  # fmt: skip
+            return 2
+        result = run_cuda(quick=args.quick, log=log)
+    else:
+        result = run(quick=args.quick, log=log)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
 
@@ -455,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan = bench_commands.add_parser("scan", help="selective-scan backends vs baselines: time, peak memory")
     scan.add_argument("--quick", action="store_true", help="L = 512 and 2048 only")
     scan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    scan.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                      help="cuda: the backends that run on the GPU (triton, reference, and mamba_ssm's cuda when "
+                           "installed), timed with CUDA events, peak memory by torch.cuda.max_memory_allocated")
     scan.set_defaults(func=_bench_scan)
     be = bench_commands.add_parser("embed", help="ssamba embed on long recordings: x real time, peak memory")
     be.add_argument("--model", default="ssamba_tiny", help="registry name (random init; default ssamba_tiny)")
@@ -706,11 +719,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _close_process_group(in_step: bool) -> None:
-    """Under torchrun, shut the process group down before the interpreter exits: left to interpreter
-    teardown, gloo's threads can abort a rank ("terminate called without an active exception"). A rank that
-    finished normally first waits for the others (``in_step``): one rank destroying its group while a peer is
-    still writing the final checkpoint aborted that rank in about 1 run in 5. After an error there is no barrier,
-    which could wait forever for a rank that died."""
+    """Under torchrun, shut the process group down before the interpreter exits. A rank that finished normally
+    first waits for the others (``in_step``), so no rank tears down while a peer still works (rank 0 writing
+    the final model); after an error there is no barrier, which could wait forever for a rank that died.
+    The rare "terminate called without an active exception" abort at exit was not about this order: gloo's
+    worker thread released a collective's Python-made tensor (which takes the GIL) after the interpreter had
+    begun finalizing; ``Dist``'s collectives now return only once gloo has let go of their tensors (see
+    ``ssamba.train.distributed._collective``). The barrier's own tensor is made in C++ and needs no GIL, and
+    ``destroy_process_group()`` does not stop gloo's threads, so that wait is what makes the exit safe."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

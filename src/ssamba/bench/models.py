@@ -264,6 +264,8 @@ def _scan_backends(device: str, wanted: tuple[str, ...] | None) -> list[str]:
     for name in wanted or sorted(available_backends(), key=lambda n: n == "reference"):
         if probe is None:
             break
+        if name == "triton" and device == "cpu" and not wanted:
+            continue  # runs on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1): a test tool, slow
         try:
             resolve_backend(probe, name)
         except ValueError:

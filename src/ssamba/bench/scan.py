@@ -31,6 +31,12 @@ Figures, per method and length:
                  It counts everything the process touched (torch tensors, numba's buffers, autograd's saved
                  tensors, the input gradients), unlike tracemalloc (blind to torch) or torch's allocator profiler
                  (blind to numba). Linux only; None elsewhere.
+
+``--device cuda`` (:func:`run_cuda`): the same workload on the GPU, for the backends that run there
+(``backend:cuda``, ``mamba_ssm``'s kernel, when it is importable; ``backend:triton``; ``backend:reference``), no
+baselines. Times come from CUDA events around each call (median of 3 to 7 after a warm-up call, which also takes
+Triton's compilation), peak extra memory from ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, less what was allocated before the call; the figures are about ``backend:triton``.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ LENGTHS = (512, 2048, 8192)
 QUICK_LENGTHS = (512, 2048)
 PER_STEP_MAX_LENGTH = 512  # the per-step baseline's backward is O(L^2): ~40 s at 512 already
 SUBJECT = "backend:cpu"  # the method the speed-ups and targets are about
+CUDA_SUBJECT = "backend:triton"  # the same for --device cuda
 MIN_RUNS, MAX_RUNS = 3, 7
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 _INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -128,16 +135,20 @@ def _backend_method(name: str, u, delta, A, B, C, D, z, delta_bias, delta_softpl
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=name)
 
 
-def methods() -> dict[str, ScanMethod]:
-    """Every backend that can run on a CPU float32 tensor here, then the two baselines."""
-    probe = torch.zeros(1, 1, 1)
+def methods(device: str = "cpu") -> dict[str, ScanMethod]:
+    """Every backend that can run on a float32 tensor on ``device`` here, then (CPU only) the two baselines."""
+    probe = torch.zeros(1, 1, 1, device=device)
     found: dict[str, ScanMethod] = {}
     for name in available_backends():
+        if name == "triton" and device == "cpu":
+            continue  # runs on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1): a test tool, slow
         try:
             resolve_backend(probe, name)
         except ValueError:
             continue
         found[f"backend:{name}"] = functools.partial(_backend_method, name)
+    if device != "cpu":
+        return found
     found["baseline:torch_loop"] = torch_sequential_loop
     found["baseline:per_step"] = per_step_reference_pattern
     return found
@@ -294,14 +305,115 @@ def run(quick: bool = False, lengths: tuple[int, ...] | None = None, measure_mem
     }
 
 
-def _speedups(rows: list[dict]) -> list[dict]:
+def _cuda_median_time(fn: Callable[[], None], budget_s: float) -> tuple[float, int]:
+    """(median seconds, number of timed calls) by CUDA events, after one untimed warm-up call."""
+    fn()  # warm-up: Triton compiles its kernels for these arguments, the allocator caches its blocks
+    torch.cuda.synchronize()
+    samples: list[float] = []
+    while len(samples) < MIN_RUNS or (len(samples) < MAX_RUNS and sum(samples) < budget_s):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(samples), len(samples)
+
+
+def _cuda_peak_extra_mib(fn: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_cuda(quick: bool = False, lengths: tuple[int, ...] | None = None,
+             log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """The workload on the current CUDA device (see the module docstring); the same JSON-ready layout as
+    :func:`run`, with ``config.device = "cuda"``, the GPU in ``machine.gpu`` and issue 18's targets."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda needs a CUDA device: torch.cuda.is_available() is False here")
+    import ssamba.ops  # noqa: F401  (registers the triton and cuda backends)
+
+    lengths = lengths or (QUICK_LENGTHS if quick else LENGTHS)
+    budget_s = 2.0 if quick else 4.0
+    say = log or (lambda message: None)
+    found = methods("cuda")
+    rows = []
+    for length in lengths:
+        inputs = {k: v.detach().cuda().requires_grad_() for k, v in make_inputs(length).items()}
+        grad_out = torch.randn(BATCH, CHANNELS, length, generator=torch.Generator().manual_seed(1)).cuda()
+        updates = BATCH * CHANNELS * length * STATE
+        for name, method in found.items():
+            forward, forward_backward = _calls(method, inputs, grad_out)
+            say(f"L={length} {name}: timing (CUDA events)")
+            fwd_s, fwd_runs = _cuda_median_time(forward, budget_s)
+            fb_s, fb_runs = _cuda_median_time(forward_backward, budget_s)
+            for t in inputs.values():
+                t.grad = None
+            fwd_mib, fb_mib = _cuda_peak_extra_mib(forward), _cuda_peak_extra_mib(forward_backward)
+            for t in inputs.values():
+                t.grad = None
+            rows.append({
+                "method": name, "length": length,
+                "forward_s": fwd_s, "forward_runs": fwd_runs,
+                "forward_backward_s": fb_s, "forward_backward_runs": fb_runs,
+                "forward_updates_per_s": updates / fwd_s, "forward_backward_updates_per_s": updates / fb_s,
+                "forward_peak_extra_mib": fwd_mib, "forward_backward_peak_extra_mib": fb_mib,
+            })  # fmt: skip
+        del inputs, grad_out
+        torch.cuda.empty_cache()
+    machine = machine_info()
+    machine["gpu"] = torch.cuda.get_device_name()
+    machine["cuda"] = torch.version.cuda
+    return {
+        "benchmark": "selective scan (CUDA)",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "config": {
+            "batch": BATCH, "channels": CHANNELS, "state": STATE, "lengths": list(lengths), "dtype": "float32",
+            "options": "delta_softplus=True, delta_bias, D, z; B/C (B, N, L)", "quick": quick, "device": "cuda",
+        },  # fmt: skip
+        "machine": machine,
+        "rows": rows,
+        "subject": CUDA_SUBJECT,
+        "speedups": _speedups(rows, CUDA_SUBJECT),
+        "targets": _cuda_targets(rows),
+        "targets_issue": 18,
+        "notes": [
+            "forward: under torch.no_grad(); fwd+bwd: gradients of all eight inputs",
+            "times: CUDA events, median after a warm-up call; peak extra: torch.cuda.max_memory_allocated minus "
+            "the memory allocated before the call",
+            "backend:cuda (mamba_ssm) is listed only where mamba_ssm is importable",
+        ],
+    }
+
+
+def _cuda_targets(rows: list[dict]) -> list[dict]:
+    """Issue 18's acceptance figures for the triton backend, where this run measured what they need."""
+    by = {(r["method"], r["length"]): r for r in rows}
+    targets = []
+    subject = by.get((CUDA_SUBJECT, 2048))
+    if subject and ("backend:reference", 2048) in by:
+        value = by[("backend:reference", 2048)]["forward_backward_s"] / subject["forward_backward_s"]
+        targets.append({"target": "triton fwd+bwd at L=2048 >= 20x faster than the reference backend",
+                        "value": value, "threshold": 20.0, "met": value >= 20.0})  # fmt: skip
+    if subject and ("backend:cuda", 2048) in by:
+        value = subject["forward_backward_s"] / by[("backend:cuda", 2048)]["forward_backward_s"]
+        targets.append({"target": "triton fwd+bwd at L=2048 within 2x of mamba_ssm (time ratio <= 2)",
+                        "value": value, "threshold": 2.0, "met": value <= 2.0})  # fmt: skip
+    return targets
+
+
+def _speedups(rows: list[dict], subject_name: str = SUBJECT) -> list[dict]:
     """Time of each other method divided by the subject's, per length."""
-    subject = {r["length"]: r for r in rows if r["method"] == SUBJECT}
+    subject = {r["length"]: r for r in rows if r["method"] == subject_name}
     return [
         {"length": r["length"], "method": r["method"],
          "forward": r["forward_s"] / subject[r["length"]]["forward_s"],
          "forward_backward": r["forward_backward_s"] / subject[r["length"]]["forward_backward_s"]}
-        for r in rows if r["method"] != SUBJECT and r["length"] in subject
+        for r in rows if r["method"] != subject_name and r["length"] in subject
     ]  # fmt: skip
 
 
@@ -338,7 +450,8 @@ def format_table(result: dict) -> str:
     """The result of :func:`run` as Markdown tables (readable in a terminal too)."""
     cfg, machine = result["config"], result["machine"]
     lines = [
-        f"Selective scan (CPU), B={cfg['batch']} D={cfg['channels']} N={cfg['state']} {cfg['dtype']}, {cfg['options']}",
+        f"Selective scan ({machine.get('gpu', 'CUDA') if cfg.get('device') == 'cuda' else 'CPU'}), B={cfg['batch']} "
+        f"D={cfg['channels']} N={cfg['state']} {cfg['dtype']}, {cfg['options']}",
         f"{machine['cpu']}, {machine['logical_cpus']} logical CPUs; threads: torch {machine['torch_threads']}, "
         f"numba {machine['numba_threads']}; numba target {machine.get('numba_target', 'n/a')}; "
         f"torch {machine['torch']}, numba {machine['numba']}; {result['date']}",
@@ -355,12 +468,12 @@ def format_table(result: dict) -> str:
             f"| {r['forward_runs']}, {r['forward_backward_runs']} |"
         )
     if result["speedups"]:
-        lines += ["", f"Speed-up of {SUBJECT} (the other method's time / its time):", "",
+        lines += ["", f"Speed-up of {result.get('subject', SUBJECT)} (the other method's time / its time):", "",
                   "| L | over | forward | fwd+bwd |", "|---:|---|---:|---:|"]  # fmt: skip
         lines += [f"| {s['length']} | {s['method']} | {s['forward']:.1f}x | {s['forward_backward']:.1f}x |"
                   for s in result["speedups"]]  # fmt: skip
     if result["targets"]:
-        lines += ["", "Targets (issue 4):"]
+        lines += ["", f"Targets (issue {result.get('targets_issue', 4)}):"]
         lines += [f"- {t['target']}: {t['value']:.3g} ({'met' if t['met'] else 'NOT met'})" for t in result["targets"]]
     lines += ["", *[f"Note: {n}" for n in result["notes"]]]
     return "\n".join(lines)

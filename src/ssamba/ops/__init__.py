@@ -2,6 +2,7 @@
 
 from ssamba.ops import scan_cpu as _scan_cpu  # noqa: F401  (registers the numba "cpu" backend)
 from ssamba.ops import scan_cuda as _scan_cuda  # noqa: F401  (registers the mamba_ssm "cuda" backend)
+from ssamba.ops import scan_triton as _scan_triton  # noqa: F401  (registers the "triton" backend)
 from ssamba.ops.selective_scan import (
     available_backends,
     causal_conv1d_reference,

@@ -42,7 +42,7 @@ from numba import prange, types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from ssamba.ops.selective_scan import register_backend
+from ssamba.ops.selective_scan import check_scan_inputs, register_backend
 
 __all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "selective_scan_cpu"]
 
@@ -463,31 +463,7 @@ def is_available(u: Tensor) -> bool:
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
     """Shape errors here rather than out-of-bounds reads in the (unchecked) kernels."""
-    if A.is_complex():
-        raise NotImplementedError("complex A is not supported; SSAMBA and Mamba-1 use real A")
-    if u.dim() != 3:
-        raise ValueError(f"u must be (batch, channels, length), got shape {tuple(u.shape)}")
-    nb, nd, seqlen = u.shape
-    if tuple(delta.shape) != (nb, nd, seqlen):
-        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != nd:
-        raise ValueError(f"A must be (channels={nd}, N), got shape {tuple(A.shape)}")
-    nstate = A.shape[1]
-    for name, m in (("B", B), ("C", C)):
-        if m.dim() == 4:
-            ok = m.shape[0] == nb and m.shape[1] > 0 and nd % m.shape[1] == 0 and m.shape[2:] == (nstate, seqlen)
-        else:
-            ok = tuple(m.shape) == (nb, nstate, seqlen)
-        if not ok:
-            raise ValueError(
-                f"{name} must be ({nb}, {nstate}, {seqlen}) or ({nb}, G, {nstate}, {seqlen}) with G dividing "
-                f"{nd}, got shape {tuple(m.shape)}"
-            )
-    for name, v in (("D", D), ("delta_bias", delta_bias)):
-        if v is not None and tuple(v.shape) != (nd,):
-            raise ValueError(f"{name} must be ({nd},), got shape {tuple(v.shape)}")
-    if z is not None and tuple(z.shape) != (nb, nd, seqlen):
-        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
                     ("delta_bias", delta_bias)):  # fmt: skip
         if t is not None and t.device.type != "cpu":

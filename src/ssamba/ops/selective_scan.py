@@ -15,9 +15,11 @@ Recurrence, per batch item b and channel d (state ``h`` is (N,), starts at 0):
     out_t   = y_t * silu(z_t)                        (gate optional)
 
 Backends: ``reference`` (pure PyTorch, below; bit-identical to the official float32 numbers) and the ones
-that register themselves (``cpu``: fused numba kernels, ``ssamba.ops.scan_cpu``). A backend is chosen by the
+that register themselves (``cpu``: fused numba kernels, ``ssamba.ops.scan_cpu``; ``cuda``: ``mamba_ssm``'s kernel,
+``ssamba.ops.scan_cuda``; ``triton``: Triton kernels, ``ssamba.ops.scan_triton``). A backend is chosen by the
 ``backend`` argument, else by an enclosing :func:`use_backend`, else by the ``SSAMBA_SCAN_BACKEND``
-environment variable, else automatically (``auto``: the fastest available for the input's device).
+environment variable, else automatically (``auto``: the fastest available for the input's device: ``cpu`` on CPU
+tensors; ``cuda``, else ``triton``, else ``reference`` on CUDA tensors).
 Backends register themselves with :func:`register_backend`; every one must match the reference in outputs
 and gradients.
 """
@@ -35,6 +37,7 @@ from torch import Tensor
 __all__ = [
     "available_backends",
     "causal_conv1d_reference",
+    "check_scan_inputs",
     "register_backend",
     "resolve_backend",
     "selective_scan",
@@ -55,6 +58,45 @@ def _expand_groups(m: Tensor, dim: int) -> Tensor:
             raise ValueError(f"channels ({dim}) must be a multiple of the B/C groups ({groups})")
         return m.repeat_interleave(dim // groups, dim=1)
     raise ValueError(f"B and C must be (batch, N, L) or (batch, G, N, L), got shape {tuple(m.shape)}")
+
+
+def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, backend: str | None = None) -> None:
+    """Shape and device errors raised before a fused kernel runs (they do not bounds-check), for the backends.
+
+    Shapes as :func:`selective_scan_reference`; with ``backend`` given, every tensor must be on ``u``'s device
+    (the message names the backend).
+    """
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported; SSAMBA and Mamba-1 use real A")
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, channels, length), got shape {tuple(u.shape)}")
+    nb, nd, seqlen = u.shape
+    if tuple(delta.shape) != (nb, nd, seqlen):
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != nd:
+        raise ValueError(f"A must be (channels={nd}, N), got shape {tuple(A.shape)}")
+    nstate = A.shape[1]
+    for name, m in (("B", B), ("C", C)):
+        if m.dim() == 4:
+            ok = m.shape[0] == nb and m.shape[1] > 0 and nd % m.shape[1] == 0 and m.shape[2:] == (nstate, seqlen)
+        else:
+            ok = tuple(m.shape) == (nb, nstate, seqlen)
+        if not ok:
+            raise ValueError(
+                f"{name} must be ({nb}, {nstate}, {seqlen}) or ({nb}, G, {nstate}, {seqlen}) with G dividing "
+                f"{nd}, got shape {tuple(m.shape)}"
+            )
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None and tuple(v.shape) != (nd,):
+            raise ValueError(f"{name} must be ({nd},), got shape {tuple(v.shape)}")
+    if z is not None and tuple(z.shape) != (nb, nd, seqlen):
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if backend is not None:
+        for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                        ("delta_bias", delta_bias)):  # fmt: skip
+            if t is not None and t.device != u.device:
+                raise ValueError(f"the {backend} selective-scan backend needs every tensor on u's device "
+                                 f"({u.device}); {name} is on {t.device}")  # fmt: skip
 
 
 def selective_scan_reference(
@@ -149,7 +191,8 @@ def register_backend(
     name: str, fn: ScanFn, is_available: Callable[[Tensor], bool], auto_priority: int | None = None
 ) -> None:
     """Add a scan backend. ``is_available(u)`` says whether it can run on ``u`` (device, dtype, install);
-    with ``auto_priority`` set it joins automatic selection at that position (0 = tried first)."""
+    with ``auto_priority`` set it joins automatic selection at that position (0 = tried first; negative counts from
+    the end, as ``list.insert``: -1 = just before the reference, which stays last)."""
     _BACKENDS[name] = (fn, is_available)
     if auto_priority is not None:
         if name in _AUTO_ORDER:
