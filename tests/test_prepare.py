@@ -274,9 +274,13 @@ TINY = ["--steps", "2", "--batch-size", "4", "--set", "data.target_length=32", "
     ("speechcommands", ["--version", "1", "--classes", "12"], "kws12", "train", "valid"),
     ("esc50", [], "esc", "fold1_train", "fold1_test"),
     ("voxceleb1", [], "sid", "train", "valid"),
+    ("audioset", [], "audioset", "balanced", "eval"),
+    ("iemocap", [], "er", "fold1_train", "fold1_test"),
 ])
 def test_cli_prepare_then_finetune(corpus, options, task, train, valid, tmp_path, capsys):
-    root = {"speechcommands": speech_commands, "esc50": esc50, "voxceleb1": voxceleb1}[corpus](tmp_path / corpus)
+    builders = {"speechcommands": speech_commands, "esc50": esc50, "voxceleb1": voxceleb1, "audioset": audioset,
+                "iemocap": iemocap}
+    root = builders[corpus](tmp_path / corpus)
     out = tmp_path / "prepared"
     assert main(["data", "prepare", corpus, str(root), "--out", str(out), *options]) == 0
     table = capsys.readouterr().out
@@ -285,7 +289,7 @@ def test_cli_prepare_then_finetune(corpus, options, task, train, valid, tmp_path
     argv = ["finetune", "--model", "ssast_tiny", "--init", "none", "--task", task,
             "--train", str(out / f"{train}.json"), "--valid", str(out / f"{valid}.json"),
             "--labels", str(out / "labels.csv"), "--out", str(run), *TINY]
-    if task == "esc":
+    if task in ("esc", "er"):
         argv += ["--set", "data.folds=0"]  # one fold's pair of manifests (all.json + data.folds=5 runs all five)
     assert main(argv) == 0
     metrics = json.loads((run / "metrics.json").read_text())
@@ -464,3 +468,14 @@ def test_lhotse_manifest_trains_and_embeds_like_json(two_classes, tmp_path):
         assert main(["embed", str(folder / manifest), "--model", str(runs["json"]), "--out",
                      str(tmp_path / f"emb_{kind}")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "emb_json.npy"), np.load(tmp_path / "emb_lhotse.npy"))
+
+
+def test_librispeech_prepare_then_ctc(tmp_path, capsys):
+    """LibriSpeech's manifests carry transcripts: Mamba-HuBERT's CTC fine-tuning runs on them as they are."""
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "librispeech", str(librispeech(tmp_path / "corpora")), "--out", str(out)]) == 0
+    run = tmp_path / "ctc"
+    assert main(["hubert", "finetune", "--train", str(out / "train.json"), "--valid", str(out / "valid.json"),
+                 "--test", str(out / "test.json"), "--out", str(run), "--size", "tiny", "--steps", "2",
+                 "--batch-size", "2", "--set", "log.progress=false"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["test_examples"]
