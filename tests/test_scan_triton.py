@@ -201,9 +201,9 @@ def test_ssamba_tiny_forward_backward_matches_reference(monkeypatch):
     """SSAMBA_SCAN_BACKEND=triton: an SSAMBA-tiny forward and backward (two bidirectional layers, a padded item)
     against the reference backend: final tokens and every parameter gradient.
 
-    The two runs also differ in the mixers' arithmetic layout (ssamba.nn.mamba._fast_layout): the triton run takes
-    the fast layout (channel-major left-multiplied projections), the reference run the faithful one (the official
-    operation order), so this compares triton + fast layout with what the reference path gives. Tolerance, in the
+    The reference run is the faithful model (``fast_path=False``: the official operation order and the reference
+    scan), the triton run the same weights on the fast path (channel-major left-multiplied projections) with
+    SSAMBA_SCAN_BACKEND=triton, so this compares triton + fast layout with the official numbers. Tolerance, in the
     max norm relative to each tensor's largest entry: 1e-5, FP32_REORDER's (tests/conftest.py): both runs are
     float32, the projections round differently (~1e-7 relative) and the scans differ by float32 rounding of the
     state over 25 steps (~1e-7, test_matches_float64), carried through two layers, their norms and gates; worst
@@ -213,12 +213,14 @@ def test_ssamba_tiny_forward_backward_matches_reference(monkeypatch):
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
-    model = ssamba.create_model("ssamba_tiny", embed_dim=32, depth=2, input_tdim=48).to(DEVICE)
+    fast = ssamba.create_model("ssamba_tiny", embed_dim=32, depth=2, input_tdim=48).to(DEVICE)
+    faithful = ssamba.create_model("ssamba_tiny", embed_dim=32, depth=2, input_tdim=48, fast_path=False).to(DEVICE)
+    faithful.load_state_dict(fast.state_dict())
     x = torch.randn(2, 48, 128, device=DEVICE)
     lengths = torch.tensor([48, 32], device=DEVICE)
     weight = None
     results = {}
-    for backend in ("reference", "triton"):
+    for backend, model in (("reference", faithful), ("triton", fast)):
         monkeypatch.setenv(ENV_VAR, backend)
         model.zero_grad(set_to_none=True)
         tokens, _ = model.forward_features(x, lengths)  # (B, K, C)

@@ -123,13 +123,14 @@ def _head_state(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
 def replay(folder: str | Path, atol: float = ATOL, backend: str = "reference") -> list[ReplayResult]:
     """Replay every output of a fixture folder; one :class:`ReplayResult` per compared tensor.
 
-    ``backend``: the selective-scan backend (default the reference, the faithful path; a fast backend
-    shows how far it is from the official numbers)."""
+    ``backend``: "reference" replays SSAMBA's faithful path (the official operation order and the reference scan,
+    ``fast_path=False``); another selective-scan backend replays the fast path with that backend, showing how far
+    it is from the official numbers."""
     with use_backend(backend):
-        return _replay(Path(folder), atol)
+        return _replay(Path(folder), atol, fast_path=backend != "reference")
 
 
-def _replay(folder: Path, atol: float) -> list[ReplayResult]:
+def _replay(folder: Path, atol: float, fast_path: bool) -> list[ReplayResult]:
     config = _load(folder, "config.json")
     inputs, outputs = _load(folder, "inputs.pt"), _load(folder, "outputs.pt")
     pretrain_path = _require(folder, "pretrain_state_dict.pt")
@@ -143,7 +144,7 @@ def _replay(folder: Path, atol: float) -> list[ReplayResult]:
             done.add(key)
 
     # Pretraining passes (official pretrain_mpc / pretrain_mpg) with the recorded mask indices.
-    pre = import_official(pretrain_path, family, config["pretrain_constructor_kwargs"])
+    pre = import_official(pretrain_path, family, config["pretrain_constructor_kwargs"], fast_path)
     x = inputs[f"fbank_t{config['pretrain_input_tdim']}"]
     if "mpc_mask_index" in outputs:
         mpc = pre.mpc(x, outputs["mpc_mask_index"])
@@ -159,7 +160,7 @@ def _replay(folder: Path, atol: float) -> list[ReplayResult]:
     trace_batch = config.get("trace_batch", [0])
     for tag, run in config.get("finetune_runs", {}).items():
         x = inputs[f"fbank_t{run['input_tdim']}"]
-        model = import_official(pretrain_path, family, run["constructor_kwargs"])
+        model = import_official(pretrain_path, family, run["constructor_kwargs"], fast_path)
         if head:
             model.head.load_state_dict(head)
         check(f"{tag}_pos_embed", model.pos_embed)
@@ -176,7 +177,8 @@ def _replay(folder: Path, atol: float) -> list[ReplayResult]:
                 check(key, got[trace_batch])
         if run.get("state_dict_file"):
             # the official fine-tuning checkpoint of this run, imported directly
-            tuned = import_official(_require(folder, run["state_dict_file"]), family, run["constructor_kwargs"])
+            tuned = import_official(_require(folder, run["state_dict_file"]), family, run["constructor_kwargs"],
+                                    fast_path)
             tokens, token_lengths = tuned.forward_features(x)
             for pool in ("avgtok", "cls"):
                 key = f"{tag}_{pool}_logits"

@@ -19,6 +19,7 @@ dropped), ``module.mlp_head.0/1`` -> ``head.norm/fc``, pretraining heads keep th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -266,8 +267,10 @@ def _split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str,
     return encoder, heads
 
 
-def _build(config: SpectrogramConfig) -> SpectrogramEncoder:
-    return SSAMBAModel(config) if isinstance(config, SSAMBAConfig) else SSASTModel(config)
+def _build(config: SpectrogramConfig, fast_path: bool = True) -> SpectrogramEncoder:
+    if isinstance(config, SSAMBAConfig):
+        return SSAMBAModel(dataclasses.replace(config, fast_path=fast_path))
+    return SSASTModel(config)
 
 
 def _load_exact(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
@@ -277,14 +280,15 @@ def _load_exact(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def import_official(
-    checkpoint: str | Path | dict[str, Tensor], family: str, official_kwargs: dict[str, Any]
+    checkpoint: str | Path | dict[str, Tensor], family: str, official_kwargs: dict[str, Any], fast_path: bool = True
 ) -> SpectrogramEncoder | MaskedPatchPretraining:
     """Build the ssamba model that the official constructor ``official_kwargs`` would give for
     ``checkpoint`` (a ``.pth`` path or an already loaded state dict, ``module.`` prefix optional).
 
     Returns a :class:`MaskedPatchPretraining` for ``pretrain_stage=True``, else a classifier
     (:class:`SSAMBAModel` / :class:`SSASTModel` with ``num_classes=label_dim``); module in eval mode.
-    ``load_pretrained_mdl_path`` is ignored: ``checkpoint`` is the weights to use.
+    ``load_pretrained_mdl_path`` is ignored: ``checkpoint`` is the weights to use. ``fast_path=False`` gives SSAMBA's
+    faithful arithmetic (the official operation order and the reference scan), as the conformance replay uses.
     """
     if isinstance(checkpoint, dict):
         state = {k.removeprefix("module."): v for k, v in checkpoint.items()}
@@ -302,12 +306,12 @@ def import_official(
         config = official_config(family, kw, state)
         if (config.input_fdim, config.input_tdim) != (int(state["p_input_fdim"]), int(state["p_input_tdim"])):
             raise ValueError("input_fdim/input_tdim differ from the checkpoint's p_input_fdim/p_input_tdim")
-        model = MaskedPatchPretraining(_build(config))
+        model = MaskedPatchPretraining(_build(config, fast_path))
         _load_exact(model, {**{"encoder." + k: v for k, v in encoder_state.items()}, **head_state})
         return model.eval()
 
     config = official_config(family, kw, state)
-    model = _build(config)
+    model = _build(config, fast_path)
     if any(k.startswith("head.") for k in encoder_state):
         _load_exact(model, encoder_state)  # fine-tuned checkpoint: already on the fine-tuning grid
         return model.eval()

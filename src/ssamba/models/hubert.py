@@ -84,6 +84,9 @@ class HuBERTConfig:
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
+    # Mamba mixers' arithmetic (execution, not architecture; see ssamba.nn.mamba): layout-optimised projections
+    # and the automatic scan backend (True), or the official operation order and the reference scan (False)
+    fast_path: bool = True
     # ConBiMamba depthwise conv kernel
     conformer_kernel: int = 31
     # convolutional position embedding (HuBERT: kernel 128, 16 groups); 0 = none. None = 128 for the
@@ -255,7 +258,7 @@ class HuBERTModel(nn.Module):
         self.pos_conv = ConvPositionEmbedding(c.embed_dim, c.pos_conv_kernel, c.pos_conv_groups) if c.pos_conv_kernel \
             else None
         self.drop = nn.Dropout(c.dropout)
-        mamba_kwargs = {"d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand}
+        mamba_kwargs = {"d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand, "fast_path": c.fast_path}
         ffn = c.ffn_dim if c.use_ffn else None
         layers: list[nn.Module] = []
         for _ in range(c.depth):

@@ -138,6 +138,9 @@ class SSAMBAConfig(SpectrogramConfig):
     divide_out: bool = True
     # SSAMBA scripts use drop_path_rate 0.1
     drop_path_rate: float = 0.1
+    # execution, not architecture: layout-optimised projections and the automatic scan backend (True), or the
+    # official operation order and the reference scan, bit for bit (False: `ssamba conformance`); see nn/mamba.py
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -446,6 +449,7 @@ class SSAMBAModel(SpectrogramEncoder):
                     d_conv=c.d_conv,
                     expand=c.expand,
                     dt_rank=c.dt_rank,
+                    fast_path=c.fast_path,
                 ),
                 c.norm_eps,
                 rates[i],

@@ -16,6 +16,16 @@ Shape glossary
     E  d_inner = expand * d_model                    N  d_state
     R  dt_rank         W  d_conv (conv kernel width)
 
+Faithful or fast, chosen at construction (``fast_path``, as ``mamba_ssm``'s ``use_fast_path``):
+    fast_path=False  the official operation order (token-major projections, ``in_proj(h)`` then transposed views)
+                     and the reference scan (``backend="reference"``): the official float32 numbers bit for bit,
+                     which ``ssamba conformance`` replays;
+    fast_path=True   (default) the projections multiply from the left so that x, z, delta, B and C come out
+                     channel-major, the layout the scan reads, without transposing copies; the scan backend is
+                     chosen automatically (``ssamba.ops.selective_scan``: the fused numba kernel on CPU,
+                     ``SSAMBA_SCAN_BACKEND`` / ``use_backend`` to override). The same products grouped differently:
+                     it agrees with the faithful path to float32 rounding (tests/test_mamba.py states the tolerance).
+
 Padding: ``lengths`` (B,) gives each item's valid prefix. The forward direction is causal, so right
 padding cannot reach valid positions; the backward direction reverses only the valid part of each item
 (:func:`reverse_padded`), so it too sees the valid elements first and the padding last.
@@ -30,11 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.nn.layers import reverse_padded
-from ssamba.ops.selective_scan import (
-    causal_conv1d_reference,
-    resolve_backend,
-    selective_scan,
-)
+from ssamba.ops.selective_scan import causal_conv1d_reference, selective_scan
 
 __all__ = ["ExtBiMamba", "InnerBiMamba", "Mamba"]
 
@@ -43,16 +49,6 @@ def _at_least_f32(t: Tensor) -> Tensor:
     # mamba_simple keeps A and D in float32 (``self.A_log.float()``) even for half-precision models;
     # float64 stays float64 so that gradient checks run in double precision.
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _fast_layout(t: Tensor) -> bool:
-    """Whether the mixers may use their layout-optimised projections for input ``t``: with every scan backend but
-    the reference. The products are the same, grouped differently, so they round differently (~1e-7 relative);
-    the reference path keeps the official operation order and reproduces the official numbers bit for bit."""
-    return resolve_backend(t) != "reference"
-
-
-_channel_major = _fast_layout  # the same decision, asked about a (B, E, L) tensor
 
 
 def _left_mm(w: Tensor, t: Tensor) -> Tensor:
@@ -68,7 +64,7 @@ class Mamba(nn.Module):
     delta = softplus(dt_proj(dt)); selective scan with D skip; gate by SiLU(z); out_proj.
     Initialisation as ``mamba_simple.Mamba``: S4D-real ``A = -[1..N]`` per channel (stored as A_log),
     ``D = 1``, dt_proj weight ~ U(+-dt_rank^-0.5 * dt_scale), dt_proj bias = softplus^-1(dt) with dt
-    log-uniform in [dt_min, dt_max] (floored at dt_init_floor).
+    log-uniform in [dt_min, dt_max] (floored at dt_init_floor). ``fast_path``: see the module docstring.
     """
 
     def __init__(
@@ -84,8 +80,10 @@ class Mamba(nn.Module):
         dt_scale: float = 1.0,
         conv_bias: bool = True,
         bias: bool = False,
+        fast_path: bool = True,
     ):
         super().__init__()
+        self.fast_path = fast_path
         self.d_model = d_model
         self.d_state = d_state
         self.d_conv = d_conv
@@ -123,13 +121,9 @@ class Mamba(nn.Module):
         setattr(self, "A" + suffix + "_log", a_log)
         setattr(self, "D" + suffix, d_skip)
 
-    def _ssm(self, xz: Tensor, suffix: str) -> Tensor:
-        """One direction of ``MambaInnerFnNoOutProj``: xz (B, 2E, L) -> y * silu(z) (B, E, L)."""
-        x, z = xz.chunk(2, dim=1)  # (B, E, L) each
-        return self._ssm_xz(x, z, suffix)
-
     def _ssm_xz(self, x: Tensor, z: Tensor, suffix: str) -> Tensor:
-        """:meth:`_ssm` on x and z given apart (each (B, E, L), any layout) -> y * silu(z) (B, E, L)."""
+        """One direction of ``MambaInnerFnNoOutProj`` on x and z (each (B, E, L), any layout) -> y * silu(z)
+        (B, E, L)."""
         return self._scan(self._conv(x, suffix), z, suffix)
 
     def _conv(self, x: Tensor, suffix: str) -> Tensor:
@@ -144,14 +138,14 @@ class Mamba(nn.Module):
         a_log: Tensor = getattr(self, "A" + suffix + "_log")
         d_skip: Tensor = getattr(self, "D" + suffix)
 
-        if _channel_major(u):
+        if self.fast_path:
             # Fast path: the projections multiply from the left, so x_dbl, B, C and delta come out channel-major
             # (B, *, L), the layout the scan reads, instead of token-major with a transposing copy per tensor.
             x_dbl = _left_mm(x_proj.weight, u)  # (B, R + 2N, L)
             dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
             delta = _left_mm(dt_proj.weight, dt)  # (B, E, L); dt_proj's bias is the scan's delta_bias
         else:
-            # Faithful path (the reference backend): the official order of operations, bit for bit.
+            # Faithful path: the official order of operations and the reference scan, bit for bit.
             x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
             dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
             # dt_proj without its bias: the scan adds it before softplus (delta_bias), as the fused kernel does.
@@ -167,6 +161,7 @@ class Mamba(nn.Module):
             z=z,
             delta_bias=_at_least_f32(dt_proj.bias),
             delta_softplus=True,
+            backend=None if self.fast_path else "reference",
         )
 
     def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -176,11 +171,11 @@ class Mamba(nn.Module):
         return self._out_proj(self._ssm_xz(x, z, ""))
 
     def _in_proj(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
-        """hidden_states (B, L, M) -> x, z (B, E, L) each. Fast path (every backend but the reference): two
-        left-multiplications give x and z each contiguous channel-major, so the conv and the scan read them
-        without a copy (``mamba_simple`` likewise computes ``in_proj.weight @ hidden^T``). Faithful path: the
-        official ``in_proj(h)`` in token-major layout, transposed as views."""
-        if _fast_layout(hidden_states):
+        """hidden_states (B, L, M) -> x, z (B, E, L) each. Fast path: two left-multiplications give x and z each
+        contiguous channel-major, so the conv and the scan read them without a copy (``mamba_simple`` likewise
+        computes ``in_proj.weight @ hidden^T``). Faithful path: the official ``in_proj(h)`` in token-major layout,
+        transposed as views."""
+        if self.fast_path:
             h_t = hidden_states.transpose(1, 2)  # (B, M, L), a view
             w, bias = self.in_proj.weight, self.in_proj.bias
             e = self.d_inner
@@ -195,7 +190,7 @@ class Mamba(nn.Module):
     def _out_proj(self, y: Tensor) -> Tensor:
         """y (B, E, L) -> out_proj (B, L, M). Fast path: a batched product with y's transpose as a BLAS operand
         (no contiguous copy of the (B, L, E) view); faithful path: ``out_proj(y.transpose(1, 2))``."""
-        if _fast_layout(y):
+        if self.fast_path:
             w = self.out_proj.weight  # (M, E)
             out = torch.bmm(y.transpose(1, 2), w.t().unsqueeze(0).expand(y.shape[0], -1, -1))  # (B, L, M)
             return out if self.out_proj.bias is None else out + self.out_proj.bias

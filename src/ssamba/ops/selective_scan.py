@@ -22,6 +22,10 @@ environment variable, else automatically (``auto``: the fastest available for th
 tensors; ``cuda``, else ``triton``, else ``reference`` on CUDA tensors).
 Backends register themselves with :func:`register_backend`; every one must match the reference in outputs
 and gradients.
+
+The causal depthwise conv1d (+ SiLU) before the scan has the same arrangement: :func:`causal_conv1d_reference`
+(``F.conv1d``, the official arithmetic) and :func:`causal_conv1d`, which dispatches to it or to a registered
+backend (``cpu``: a fused numba kernel, ``ssamba.ops.conv_cpu``), see :func:`resolve_conv_backend`.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from torch import Tensor
 
 __all__ = [
     "available_backends",
+    "causal_conv1d",
     "causal_conv1d_reference",
     "check_scan_inputs",
     "register_backend",
+    "register_conv_backend",
     "resolve_backend",
+    "resolve_conv_backend",
     "selective_scan",
     "selective_scan_reference",
     "use_backend",
@@ -263,3 +270,61 @@ def selective_scan(
     # numba time included, to the scan); costs about a microsecond per call when no profiler runs.
     with torch.profiler.record_function("ssamba::selective_scan"):
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# ------------------------------------------------------------------------------------ conv1d dispatch
+
+ConvFn = Callable[..., Tensor]
+# name -> (function, is_available(x) predicate), as the scan's; ``auto`` picks the first available one of
+# ``_CONV_AUTO_ORDER`` (the reference, always available, comes last). ``cpu`` registers from ssamba.ops.conv_cpu.
+_CONV_BACKENDS: dict[str, tuple[ConvFn, Callable[[Tensor], bool]]] = {
+    "reference": (causal_conv1d_reference, lambda x: True),
+}
+_CONV_AUTO_ORDER: list[str] = ["reference"]
+
+
+def register_conv_backend(
+    name: str, fn: ConvFn, is_available: Callable[[Tensor], bool], auto_priority: int | None = None
+) -> None:
+    """Add a causal-conv1d backend, as :func:`register_backend` does a scan backend."""
+    _CONV_BACKENDS[name] = (fn, is_available)
+    if auto_priority is not None:
+        if name in _CONV_AUTO_ORDER:
+            _CONV_AUTO_ORDER.remove(name)
+        _CONV_AUTO_ORDER.insert(auto_priority, name)
+
+
+def resolve_conv_backend(x: Tensor, backend: str | None = None) -> str:
+    """The backend name that :func:`causal_conv1d` would use for input ``x``.
+
+    ``auto`` follows the scan's explicit choice of the reference (an enclosing ``use_backend("reference")`` or
+    ``SSAMBA_SCAN_BACKEND=reference``), so that the faithful path stays bit for bit the official arithmetic (the
+    fused kernel sums the W taps in another order than ``F.conv1d``); otherwise the first available of
+    ``_CONV_AUTO_ORDER`` (``cpu`` for CPU tensors, else the reference).
+    """
+    name = (backend or "auto").strip().lower() or "auto"
+    if name == "auto":
+        scan_choice = _forced[-1] if _forced else os.environ.get(ENV_VAR, "auto")
+        if scan_choice.strip().lower() == "reference":
+            return "reference"
+        return next((c for c in _CONV_AUTO_ORDER if _CONV_BACKENDS[c][1](x)), "reference")
+    if name not in _CONV_BACKENDS:
+        raise ValueError(f"unknown causal-conv1d backend {name!r}; choose one of: auto, {', '.join(_CONV_BACKENDS)}")
+    if not _CONV_BACKENDS[name][1](x):
+        raise ValueError(f"causal-conv1d backend {name!r} cannot run on this input/installation")
+    return name
+
+
+def causal_conv1d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "silu", backend: str | None = None
+) -> Tensor:
+    """Causal depthwise conv1d [+ SiLU] with :func:`causal_conv1d_reference`'s semantics, by backend.
+
+    x: (B, D, L); weight: (D, W) or (D, 1, W); bias: (D,) or None; ``activation``: "silu" (default, the Mamba
+    mixer's) or None. Returns (B, D, L) in ``weight.dtype``. ``backend``: "auto" (default, see
+    :func:`resolve_conv_backend`), "reference" or "cpu".
+    """
+    fn = _CONV_BACKENDS[resolve_conv_backend(x, backend)][0]
+    # Its own profiler range, as the scan's; the fused kernel runs no aten convolution op.
+    with torch.profiler.record_function("ssamba::causal_conv1d"):
+        return fn(x, weight, bias, activation)
