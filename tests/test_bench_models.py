@@ -165,3 +165,17 @@ def test_profile_breakdown_accounts_for_the_forward():
     assert total == pytest.approx(report["wall_s"], rel=0.05) or total > report["wall_s"]
     assert report["tokens"] == 32
     assert "selective scan" in bench.format_profile(report)
+
+
+def test_training_steps_table_and_profile(capsys):
+    """--train times train-mode forward + backward steps and reports samples/s; the training profile counts the
+    scan's backward kernel (its autograd node) with the forward's."""
+    assert main(["bench", "models", "--quick", "--train", "--frames", "128", "--backends", "cpu", "--attention",
+                 "sdpa", "--repeats", "1", "--quiet"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "training steps" in table and "samples/s" in table and "| ok |" in table
+    report = bench.profile_forward("ssamba_tiny", frames=64, batch=1, backend="cpu", overrides={"depth": 2},
+                                   threads=1, train=True)  # fmt: skip
+    parts = {b["part"]: b for b in report["breakdown"]}
+    assert parts[bench.SCAN_KERNEL]["calls"] == 8  # 2 layers x 2 directions, forward and backward
+    assert report["train"] and "forward + backward" in bench.format_profile(report)

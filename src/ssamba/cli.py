@@ -114,7 +114,7 @@ def _bench_models(args) -> int:
             if not sep or not key.strip():
                 raise ValueError(f"--set {item}: expected KEY=VALUE (a model config key)")
             overrides[key.strip()] = parse_text(value)  # typed per model by BenchConfig (check_overrides)
-        changes = {"batch": args.batch, "device": args.device, "dtype": args.dtype}
+        changes = {"batch": args.batch, "device": args.device, "dtype": args.dtype, "train": args.train}
         for key, value in (("repeats", args.repeats), ("budget_s", args.budget), ("threads", args.threads),
                            ("max_forward_s", args.max_forward_s)):
             if value is not None:
@@ -150,7 +150,7 @@ def _bench_models(args) -> int:
     if args.profile:
         report = bench.profile_forward(cfg.models[0], frames=cfg.frames[-1], batch=cfg.batch,
                                        backend=(cfg.backends or ("cpu",))[0], overrides=cfg.overrides,
-                                       threads=cfg.threads)
+                                       threads=cfg.threads, train=cfg.train)
         print(json.dumps(report, indent=1) if args.json else bench.format_profile(report))
         return 0
     try:
@@ -503,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds: 2-layer models, 64 and 128 tokens, 2 runs, 1 thread (options still apply)")
     bm.add_argument("--profile", action="store_true",
                     help="instead: where one forward of the first model at the largest size spends its time")
+    bm.add_argument("--train", action="store_true",
+                    help="training steps (train mode, forward + backward) instead of inference; with --profile too")
     bm.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bm.set_defaults(func=_bench_models)
 

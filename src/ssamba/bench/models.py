@@ -126,6 +126,9 @@ class BenchConfig:
     threads: int | None = None
     # seconds before a child is abandoned (status "error")
     child_timeout_s: float = 3600.0
+    # training instead of inference: model.train(), forward + backward of the summed logits into every parameter
+    # (no optimizer step: the same for both models), timed per step; samples/s = batch / time
+    train: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -334,7 +337,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         overrides["attn_impl"] = spec["variant"]
     model = ssamba.create_model(spec["model"], input_tdim=spec["frames"], num_classes=NUM_CLASSES, pool="avgtok",
                                 **overrides)  # fmt: skip
-    model = model.eval().to(device=device, dtype=dtype)
+    model = model.train(spec["train"]).to(device=device, dtype=dtype)
     frames, fdim = spec["frames"], model.config.input_fdim
 
     def sync() -> None:
@@ -342,8 +345,11 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
 
     def forward(x: torch.Tensor) -> None:
-        with torch.no_grad(), use_backend(spec["backend"] or "auto"):
-            model(x)
+        with torch.set_grad_enabled(spec["train"]), use_backend(spec["backend"] or "auto"):
+            out = model(x)
+            if spec["train"]:
+                out.float().sum().backward()
+                model.zero_grad(set_to_none=True)
         sync()
 
     result: dict[str, Any] = {"threads": torch.get_num_threads()}
@@ -646,23 +652,27 @@ def format_table(result: dict[str, Any]) -> str:
     cfg, machine, load = result["config"], result["machine"], result["load_avg"]
     threads = {r.get("threads") for r in result["rows"] if r.get("threads")}
     lines = [
-        f"SSAMBA vs SSAST batch inference on {result['device']}: batch {cfg['batch']}, {cfg['dtype']}, "
-        f"ft_avgtok head ({NUM_CLASSES} classes), no grad; torch {result['torch']}; {result['date']}",
+        f"SSAMBA vs SSAST {'training steps' if cfg.get('train') else 'batch inference'} on {result['device']}: "
+        f"batch {cfg['batch']}, {cfg['dtype']}, ft_avgtok head ({NUM_CLASSES} classes), "
+        + ("train mode, forward + backward of the summed logits (no optimizer step); "
+           if cfg.get("train") else "no grad; ") + f"torch {result['torch']}; {result['date']}",
         f"{machine.get('gpu') or machine['cpu']}, {machine['logical_cpus']} logical CPUs, threads per child: "
         f"{', '.join(map(str, sorted(threads))) or '-'}; load average at start {load['start']}, end {load['end']}",
         f"model overrides: {cfg['overrides'] or 'none'}; up to {cfg['repeats']} timed runs per cell "
         f"within {cfg['budget_s']:g} s",
         f"peak memory: {result['memory_method']}",
         "",
-        "| tokens | frames | model | variant | backend | time (median) | CPU time | runs | peak memory | status "
-        "| load (1 min) |",
-        "|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|",
+        "| tokens | frames | model | variant | backend | time (median) | samples/s | CPU time | runs | peak memory "
+        "| status | load (1 min) |",
+        "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in result["rows"]:
         status = r["status"] + (f" ({r['note']})" if r.get("note") and r["status"] != "ok" else "")
         load1 = r["load_avg"][0] if r.get("load_avg") else "-"
         lines.append(f"| {r['tokens']} | {r['frames']} | {r['model']} | {r['variant']} | {r['backend'] or '-'} "
-                     f"| {_seconds(r['time_s'])} | {_seconds(r.get('cpu_time_s'))} "
+                     f"| {_seconds(r['time_s'])} "
+                     f"| {'-' if not r.get('time_s') else format(cfg['batch'] / r['time_s'], '.3g')} "
+                     f"| {_seconds(r.get('cpu_time_s'))} "
                      f"| {r['runs']} | {_bytes(r['peak_mem_bytes'])} | {status} "
                      f"| {load1} |")  # fmt: skip
     if result["ratios"]:
@@ -773,8 +783,11 @@ SCAN_GLUE = "selective scan: backend glue ops (casts, layouts)"
 
 
 def profile_forward(model: str = "ssamba_tiny", frames: int = 8192, batch: int = 2, backend: str = "cpu",
-                    overrides: dict[str, Any] | None = None, threads: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """Where one SSAMBA forward spends its time, from ``torch.profiler`` (in this process).
+                    overrides: dict[str, Any] | None = None, threads: int | None = None,
+                    train: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Where one SSAMBA forward (``train``: forward + backward of the summed logits, in train mode) spends its
+    time, from ``torch.profiler`` (in this process). The scan's backward (the autograd node of the numba kernel)
+    counts as the scan kernel.
 
     Every aten op's self time is attributed to the selective scan's glue when it runs inside a ``selective_scan``
     call (the record_function range ``ssamba::selective_scan``), else to a category by op name; the range's own
@@ -789,16 +802,23 @@ def profile_forward(model: str = "ssamba_tiny", frames: int = 8192, batch: int =
         torch.set_num_threads(threads)
         numba.set_num_threads(threads)  # numba's OpenMP layer would otherwise reset the shared OpenMP count
     torch.manual_seed(0)
-    net = ssamba.create_model(model, input_tdim=frames, num_classes=NUM_CLASSES, **(overrides or {})).eval()
+    net = ssamba.create_model(model, input_tdim=frames, num_classes=NUM_CLASSES, **(overrides or {})).train(train)
     x = torch.randn(batch, frames, net.config.input_fdim)
-    with torch.no_grad(), use_backend(backend):
-        net(x)  # warm-up at size
+
+    def step() -> None:
+        out = net(x)
+        if train:
+            out.sum().backward()
+            net.zero_grad(set_to_none=True)
+
+    with torch.set_grad_enabled(train), use_backend(backend):
+        step()  # warm-up at size
         start = time.perf_counter()
-        net(x)
+        step()
         plain = time.perf_counter() - start
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            net(x)
+            step()
             wall = time.perf_counter() - start
     seconds: dict[str, float] = {SCAN_KERNEL: 0.0, SCAN_GLUE: 0.0}
     seconds.update({name: 0.0 for name, _ in _PROFILE_CATEGORIES})
@@ -811,16 +831,20 @@ def profile_forward(model: str = "ssamba_tiny", frames: int = 8192, batch: int =
                 in_scan = True
                 break
             parent = parent.cpu_parent
-        if in_scan:
-            category = SCAN_KERNEL if event.name == SCAN_RANGE else SCAN_GLUE
+        if event.name == SCAN_RANGE or "_SelectiveScanFn" in event.name:
+            # the kernels run in the range's own time (no grad) or in the autograd nodes' (forward and backward)
+            category = SCAN_KERNEL
+        elif in_scan:
+            category = SCAN_GLUE
         else:
             category = next((name for name, keys in _PROFILE_CATEGORIES if any(k in event.name for k in keys)),
                             "other ops")  # fmt: skip
         seconds[category] += event.self_cpu_time_total / 1e6
-        calls[category] += 1
+        # a scan call is one range (forward) or one backward node; the node's other events are parts of them
+        calls[category] += category != SCAN_KERNEL or event.name in (SCAN_RANGE, "_SelectiveScanFnBackward")
     seconds["unprofiled (Python between ops)"] = max(0.0, wall - sum(seconds.values()))
     calls["unprofiled (Python between ops)"] = 0
-    return {"model": model, "frames": frames, "tokens": _tokens(net.config, frames), "batch": batch,
+    return {"model": model, "frames": frames, "tokens": _tokens(net.config, frames), "batch": batch, "train": train,
             "backend": backend, "threads": torch.get_num_threads(), "wall_s": wall, "unprofiled_wall_s": plain,
             "breakdown": [{"part": k, "seconds": s, "share": s / wall, "calls": calls[k]} for k, s in
                           seconds.items()], "load_avg": _load_avg()}  # fmt: skip
@@ -828,7 +852,8 @@ def profile_forward(model: str = "ssamba_tiny", frames: int = 8192, batch: int =
 
 def format_profile(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['model']} forward, {result['tokens']} tokens (T={result['frames']}), batch {result['batch']}, "
+        f"{result['model']} {'forward + backward' if result.get('train') else 'forward'}, {result['tokens']} tokens "
+        f"(T={result['frames']}), batch {result['batch']}, "
         f"scan backend {result['backend']}, {result['threads']} threads: {result['wall_s']:.3g} s under the "
         f"profiler ({result['unprofiled_wall_s']:.3g} s without); load average {result['load_avg']}",
         "",
