@@ -769,7 +769,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 
 _PROFILE_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("projections (in/x/dt/out_proj, head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
-    ("causal conv1d", ("convolution",)),
+    ("causal conv1d", ("convolution", "ssamba::causal_conv1d")),
     ("norms", ("layer_norm",)),
     ("flips / gathers", ("aten::flip", "aten::gather", "aten::index")),
     ("copies / layout (contiguous, to, fill)", ("aten::copy_", "aten::clone", "aten::fill_", "aten::zero_",

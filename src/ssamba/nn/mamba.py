@@ -21,9 +21,10 @@ Faithful or fast, chosen at construction (``fast_path``, as ``mamba_ssm``'s ``us
                      and the reference scan (``backend="reference"``): the official float32 numbers bit for bit,
                      which ``ssamba conformance`` replays;
     fast_path=True   (default) the projections multiply from the left so that x, z, delta, B and C come out
-                     channel-major, the layout the scan reads, without transposing copies; the scan backend is
-                     chosen automatically (``ssamba.ops.selective_scan``: the fused numba kernel on CPU,
-                     ``SSAMBA_SCAN_BACKEND`` / ``use_backend`` to override). The same products grouped differently:
+                     channel-major, the layout the scan reads, without transposing copies; the causal conv + SiLU
+                     and the scan run on automatically chosen backends (``ssamba.ops.selective_scan``; on CPU
+                     fused numba kernels; ``SSAMBA_SCAN_BACKEND`` / ``use_backend`` override). The same products
+                     grouped differently:
                      it agrees with the faithful path to float32 rounding (tests/test_mamba.py states the tolerance).
 
 Padding: ``lengths`` (B,) gives each item's valid prefix. The forward direction is causal, so right
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.nn.layers import reverse_padded
-from ssamba.ops.selective_scan import causal_conv1d_reference, selective_scan
+from ssamba.ops.selective_scan import causal_conv1d, selective_scan
 
 __all__ = ["ExtBiMamba", "InnerBiMamba", "Mamba"]
 
@@ -127,9 +128,12 @@ class Mamba(nn.Module):
         return self._scan(self._conv(x, suffix), z, suffix)
 
     def _conv(self, x: Tensor, suffix: str) -> Tensor:
-        """x (B, E, L) -> SiLU(causal depthwise conv1d(x)) (B, E, L), contiguous: the scan's input u."""
+        """x (B, E, L) -> SiLU(causal depthwise conv1d(x)) (B, E, L), contiguous: the scan's input u. Fast path:
+        the automatic conv backend (on CPU the fused numba kernel, conv and SiLU in one pass); faithful path:
+        ``F.conv1d`` + slice + SiLU as the official code."""
         conv: nn.Conv1d = getattr(self, "conv1d" + suffix)
-        return causal_conv1d_reference(x, conv.weight, conv.bias, activation="silu")
+        return causal_conv1d(x, conv.weight, conv.bias, activation="silu",
+                             backend=None if self.fast_path else "reference")
 
     def _scan(self, u: Tensor, z: Tensor, suffix: str) -> Tensor:
         """u: the conv's output (B, E, L), gate z (B, E, L) -> x_proj, dt_proj, selective scan -> (B, E, L)."""

@@ -31,17 +31,16 @@ checkpoint into a small per-thread buffer and walks them in reverse. Nothing of 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import prange, types
-from numba.extending import intrinsic, overload
+from numba import prange
 from torch import Tensor
 
+from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, exp, sigmoid
+from ssamba.ops.cpu_math import softplus as softplus_of  # the kernels' `softplus` is their on/off flag
 from ssamba.ops.selective_scan import check_scan_inputs, register_backend
 
 __all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "selective_scan_cpu"]
@@ -72,130 +71,10 @@ _W_DC = _W_DB + _K_U  # K rows: dC_j, likewise
 _W_DA = _W_DC + _K_U  # K + 1 rows: dA summed over steps j .. end of chunk, at row j
 _W_CARRY = _W_DA + _K_U + _ONE_U  # K + 1 rows: what step j sends back to step j - 1, at row j
 _W_ROWS = int(_W_CARRY + _K_U + _ONE_U)
-# torch.nn.functional.softplus's default threshold (and mamba_ssm's kernels'): above it softplus(x) = x.
-SOFTPLUS_THRESHOLD = 20.0
-# Not 'ninf'/'nnan' (exp may saturate to inf-like values in sigmoid) nor 'afn' (libm exp must stay exact for
-# float64); 'reassoc' lets the per-step dot products over the state vectorise.
-_FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
-# error_model="numpy": a float division by zero gives inf instead of raising, so loops have no exception exit
-# (a loop with one never vectorises).
-_SERIAL = dict(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
-_PARALLEL = dict(_SERIAL, parallel=True)
-
-# ----------------------------------------------------------------------------------------- scalar math
-# Each function is a pure-Python stub with a numba overload chosen by argument type: the float32 versions
-# are branch-free polynomials that vectorise; float64 keeps libm's accuracy.
-
-_F = np.float32
-_EXP_HI = _F(88.0)  # exp(88) < float32 max, and the exponent n stays <= 127
-_EXP_LO = _F(-87.33654)  # ~log(smallest normal float32); below it the result is flushed to 0
-_LOG2E = _F(1.4426950408889634)
-_LN2 = _F(0.6931471805599453)  # one-constant reduction: error <= |n| * 1.9e-9, below 3e-7 relative for |n| <= 126
-# Cephes expf minimax coefficients for exp(r) = 1 + r + r^2 * P(r) on |r| <= ln2 / 2.
-_EXP_P = (_F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3), _F(4.1665795894e-2),
-          _F(1.6666665459e-1), _F(5.0000001201e-1))  # fmt: skip
-# log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3] for e in [0, 1]: odd series 2 s (1 + s^2/3 + s^4/5 + ...),
-# truncation error (1/9)^8 / 17 < 1e-9 relative after the s^14 term.
-_LOG1P_Q = tuple(_F(1.0 / k) for k in (15, 13, 11, 9, 7, 5, 3))
-_ZERO, _HALF, _ONE, _TWO = _F(0.0), _F(0.5), _F(1.0), _F(2.0)
-_THRESH32 = _F(SOFTPLUS_THRESHOLD)
-
-
-@intrinsic
-def _pow2_f32(typingctx, n):
-    """2**n as float32 for an integral float32 n in [-126, 127], by writing the exponent bits."""
-
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        biased = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
-        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
-
-    return types.float32(types.float32), codegen
-
-
-def _exp(x):
-    raise NotImplementedError("numba-only helper")
-
-
-def _softplus(x):
-    raise NotImplementedError("numba-only helper")
-
-
-def _sigmoid(x):
-    raise NotImplementedError("numba-only helper")
-
-
-# The overloads are inlined into the numba IR of their callers ("always"): left as calls, LLVM sometimes kept
-# them out of line, and a loop containing a numba call (which may report an exception) never vectorises.
-# They use no conditional expressions, which numba's inliner mishandles; selects are written as 0/1 masks.
-
-
-@overload(_exp, inline="always")
-def _exp_impl(x):
-    if x != types.float32:
-        return lambda x: math.exp(x)
-
-    def exp_f32(x):
-        xc = min(max(x, _EXP_LO), _EXP_HI)
-        n = np.floor(xc * _LOG2E + _HALF)
-        r = xc - n * _LN2
-        p = _EXP_P[0]
-        p = p * r + _EXP_P[1]
-        p = p * r + _EXP_P[2]
-        p = p * r + _EXP_P[3]
-        p = p * r + _EXP_P[4]
-        p = p * r + _EXP_P[5]
-        e = (p * r * r + r + _ONE) * _pow2_f32(n)
-        return e * np.float32(x >= _EXP_LO)  # 0 below the smallest normal, not a value near it
-
-    return exp_f32
-
-
-@overload(_softplus, inline="always")
-def _softplus_impl(x):
-    # max(x, 0) + log1p(exp(-|x|)) never overflows; x above the threshold passes through unchanged, as in
-    # torch.nn.functional.softplus (the other term is finite there, so the masked sum is exactly x).
-    if x != types.float32:
-
-        def softplus_f64(x):
-            above = np.float64(x > SOFTPLUS_THRESHOLD)
-            return above * x + (1.0 - above) * (max(x, 0.0) + math.log1p(math.exp(-abs(x))))
-
-        return softplus_f64
-
-    def softplus_f32(x):
-        e = _exp(-abs(x))
-        s = e / (_TWO + e)
-        s2 = s * s
-        q = _LOG1P_Q[0]
-        q = q * s2 + _LOG1P_Q[1]
-        q = q * s2 + _LOG1P_Q[2]
-        q = q * s2 + _LOG1P_Q[3]
-        q = q * s2 + _LOG1P_Q[4]
-        q = q * s2 + _LOG1P_Q[5]
-        q = q * s2 + _LOG1P_Q[6]
-        log1p = _TWO * s * (q * s2 + _ONE)
-        above = np.float32(x > _THRESH32)
-        return above * x + (_ONE - above) * (max(x, _ZERO) + log1p)
-
-    return softplus_f32
-
-
-@overload(_sigmoid, inline="always")
-def _sigmoid_impl(x):
-    # exp(-x) saturates instead of overflowing in float32 (its input is clamped) and gives inf, so 0, in float64.
-    one = _ONE if x == types.float32 else 1.0
-
-    def sigmoid(x):
-        return one / (one + _exp(-x))
-
-    return sigmoid
-
-
 # ----------------------------------------------------------------------------------------------- kernels
 
 
-@numba.njit(**_PARALLEL)
+@numba.njit(**PARALLEL)
 def _forward_kernel(
     u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias, softplus, has_z, save, out, y_pre, last, ckpt
 ):
@@ -219,7 +98,7 @@ def _forward_kernel(
         bias = delta_bias[d]
         if softplus:
             for t in range(seqlen):
-                dt[t] = _softplus(delta[b, d, t] + bias)
+                dt[t] = softplus_of(delta[b, d, t] + bias)
         else:
             for t in range(seqlen):
                 dt[t] = delta[b, d, t] + bias
@@ -236,7 +115,7 @@ def _forward_kernel(
                 dtu = dtt * u_r[t]
                 acc = zero
                 for k in range(LANES):
-                    hk = _exp(dtt * a_r[k]) * h[k] + dtu * b_r[t, k]
+                    hk = exp(dtt * a_r[k]) * h[k] + dtu * b_r[t, k]
                     h[k] = hk
                     acc += hk * c_r[t, k]
                 if blk == 0:
@@ -256,13 +135,13 @@ def _forward_kernel(
                     y_r[t] = out_r[t] + skip * u_r[t]
             for t in range(seqlen):
                 zt = z_r[t]
-                out_r[t] = (out_r[t] + skip * u_r[t]) * (zt * _sigmoid(zt))
+                out_r[t] = (out_r[t] + skip * u_r[t]) * (zt * sigmoid(zt))
         else:
             for t in range(seqlen):
                 out_r[t] += skip * u_r[t]
 
 
-@numba.njit(**_PARALLEL)
+@numba.njit(**PARALLEL)
 def _backward_kernel(
     u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias, softplus, has_z, y_pre, ckpt, dout, dlast,
     row_start, slot_start, du, ddelta, dz, d_a, d_d, d_bias, d_b, d_c,
@@ -282,7 +161,7 @@ def _backward_kernel(
         )  # fmt: skip
 
 
-@numba.njit(**_SERIAL)
+@numba.njit(**SERIAL)
 def _backward_partition(
     part, u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias, softplus, has_z, y_pre, ckpt, dout, dlast,
     row_start, slot_start, du, ddelta, dz, d_a, d_d, d_bias, d_b, d_c,
@@ -313,7 +192,7 @@ def _backward_partition(
         bias = delta_bias[d]
         if softplus:
             for t in range(seqlen):
-                dt[t] = _softplus(delta_r[t] + bias)
+                dt[t] = softplus_of(delta_r[t] + bias)
         else:
             for t in range(seqlen):
                 dt[t] = delta_r[t] + bias
@@ -322,7 +201,7 @@ def _backward_partition(
             z_r, y_r, dz_r = z[b, d], y_pre[b, d], dz[b, d]
             for t in range(seqlen):
                 zt = z_r[t]
-                s = _sigmoid(zt)
+                s = sigmoid(zt)
                 dy[t] = dout_r[t] * zt * s
                 dz_r[t] = dout_r[t] * y_r[t] * s * (one + zt * (one - s))
         else:
@@ -360,7 +239,7 @@ def _backward_partition(
         if softplus:
             for t in range(seqlen):
                 x = delta_r[t] + bias
-                g = ddt[t] * (_sigmoid(x) if x <= SOFTPLUS_THRESHOLD else one)
+                g = ddt[t] * (sigmoid(x) if x <= SOFTPLUS_THRESHOLD else one)
                 ddelta_r[t] = g
                 bias_sum += g
         else:
@@ -370,7 +249,7 @@ def _backward_partition(
         d_bias[b, d] = bias_sum
 
 
-@numba.njit(**_SERIAL, inline="always")
+@numba.njit(**SERIAL, inline="always")
 def _backward_chunk(
     work, is_last, steps, t0, dt, u_r, dy, du_r, ddt, a_r, b_flat, c_flat, ckpt_r, dlast_r, da_row, db_flat, dc_flat
 ):  # fmt: skip
@@ -404,7 +283,7 @@ def _backward_chunk(
         dtt = dt[t0 + j]
         dtu = dtt * u_r[t0 + j]
         for k in range(LANES):
-            a = _exp(dtt * a_r[k])
+            a = exp(dtt * a_r[k])
             work[_W_DECAY + ju, k] = a
             work[_W_H + ju + _ONE_U, k] = a * work[_W_H + ju, k] + dtu * work[_W_B + ju, k]
     # Walk it backwards. g = dL/dh_t = dy_t C_t + carry, and h_t = a_t h_{t-1} + dt_t u_t B_t gives
