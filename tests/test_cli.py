@@ -157,3 +157,12 @@ def test_config_file_values_are_typed(tmp_path):
     path.write_text("train:\n  steps: many\n")
     with pytest.raises(ValueError, match=r"c.yaml: train.steps expects an integer, got 'many'"):
         cfg.update(load_config(path), source=str(path))
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_hubert_preset_is_refused_by_the_spectrogram_commands(command, manifest, tmp_path, capsys):
+    argv = _commands(manifest, tmp_path)[command]
+    argv[argv.index("ssamba_tiny")] = "hubert_extbimamba_tiny"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a spectrogram encoder" in err and "ssamba hubert" in err

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ssamba.models import SSAMBAModel, SSASTModel, create_model, list_models
+from ssamba.models import SSAMBAModel, SSASTModel, create_model, list_models, load_pretrained, model_family
 from ssamba.nn import TransformerBlock, official_resize_pos_embed
 from ssamba.pretrain import MaskedPatchPretraining
 from tests.conftest import FP32_REORDER
@@ -13,13 +13,37 @@ from tests.conftest import FP32_REORDER
 SMALL = dict(depth=2, input_tdim=48)
 
 
+SPECTROGRAM_MODELS = [n for n in list_models() if model_family(n) in ("ssamba", "ssast")]
+HUBERT_MODELS = [n for n in list_models() if model_family(n) == "hubert"]
+
+
 def test_registry_lists_the_presets():
-    assert set(list_models()) >= {f"{f}_{s}" for f in ("ssamba", "ssast") for s in ("tiny", "small", "base")}
+    assert set(SPECTROGRAM_MODELS) == {f"{f}_{s}" for f in ("ssamba", "ssast") for s in ("tiny", "small", "base")}
+    assert set(HUBERT_MODELS) == {f"hubert_{e}_{s}" for e in ("transformer", "extbimamba", "innbimamba", "conbimamba")
+                                  for s in ("base", "small", "tiny")}  # fmt: skip
+    assert set(list_models()) == set(SPECTROGRAM_MODELS) | set(HUBERT_MODELS)
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         create_model("nope")
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", HUBERT_MODELS)
+def test_hubert_preset_builds_and_round_trips(name, tmp_path):
+    """Every HuBERT preset through the registry: its sizes, one layer of it forward, and save -> load alone."""
+    from ssamba.models import HuBERTModel
+    from ssamba.models.hubert import hubert_presets
+
+    _, encoder, size = name.split("_")
+    model = create_model(name, depth=1)  # one layer keeps the base sizes quick to build
+    assert isinstance(model, HuBERTModel) and model.config.encoder == encoder
+    assert model.config.embed_dim == hubert_presets()[size].get("embed_dim", 768)
+    loaded = load_pretrained(model.save_pretrained(tmp_path / name))
+    wave = torch.randn(1, 3200)
+    with torch.no_grad():  # exact by construction: the same weights, input and kernels on this machine
+        torch.testing.assert_close(loaded.eval().extract_features(wave)[0][-1],
+                                   model.eval().extract_features(wave)[0][-1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", SPECTROGRAM_MODELS)
 def test_preset_builds_at_full_size(name):
     model = create_model(name)
     dim = {"tiny": 192, "small": 384, "base": 768}[name.split("_")[1]]
@@ -28,7 +52,7 @@ def test_preset_builds_at_full_size(name):
     assert model.pos_embed.shape == (1, model.num_special_tokens + 8 * 64, dim)  # 1024 frames, 16x16 patches
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", SPECTROGRAM_MODELS)
 def test_preset_forward_backward_small(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=3, **SMALL)

@@ -384,10 +384,25 @@ def create_hubert(encoder: str = "transformer", size: str = "base", **overrides:
     return HuBERTModel(HuBERTConfig.from_dict({**presets[size], "encoder": encoder, **overrides}))
 
 
+def _preset(encoder: str, size: str):
+    """The registry entry ``hubert_<encoder>_<size>``: ``create_hubert(encoder, size, **overrides)``."""
+
+    def preset(**overrides: Any) -> HuBERTModel:
+        return create_hubert(encoder, size, **overrides)
+
+    preset.__name__ = preset.__qualname__ = f"hubert_{encoder}_{size}"
+    preset.__doc__ = f"Mamba-HuBERT preset: the {encoder} encoder at the {size!r} sizes (see hubert_presets)."
+    preset.__annotations__ = {"return": HuBERTModel}  # the registry reads the model class (check_overrides)
+    return preset
+
+
 def _register() -> None:
-    from ssamba.models.spectrogram import register_family
+    from ssamba.models.spectrogram import register_family, register_model
 
     register_family(HuBERTModel)
+    for encoder in ENCODERS:
+        for size in hubert_presets():
+            register_model(_preset(encoder, size))
 
 
 _register()

@@ -623,6 +623,14 @@ def create_model(name: str, **overrides: Any) -> SpectrogramEncoder:
     return _REGISTRY[name](**overrides)
 
 
+def model_family(name: str) -> str | None:
+    """The family (``"ssamba"``, ``"ssast"``, ``"hubert"``, ...) of a registered preset, from its model class; None
+    for a preset registered without its model class as return annotation."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return getattr(typing.get_type_hints(_REGISTRY[name]).get("return"), "family", None)
+
+
 def check_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """``overrides`` for ``create_model(name, **overrides)``, checked without building the model: the preset
     exists, every key is a field of its config and every value has that field's type (converted where lossless;

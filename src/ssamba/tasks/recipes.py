@@ -183,8 +183,11 @@ class FinetuneConfig:
             raise ValueError("train.batch_size must be positive")
         if not 0.0 <= self.augment.mixup <= 1.0:
             raise ValueError(f"augment.mixup is a probability, got {self.augment.mixup}")
-        from ssamba.models import check_overrides
+        from ssamba.models import check_overrides, model_family
 
+        if model_family(self.model.name) not in ("ssamba", "ssast"):
+            raise ValueError(f"model.name: {self.model.name} is not a spectrogram encoder (SSAMBA or SSAST); "
+                             "HuBERT models fine-tune with `ssamba hubert finetune` (CTC)")
         self.model.overrides = check_overrides(self.model.name, self.model.overrides)
 
 

@@ -140,8 +140,11 @@ class PretrainConfig:
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.train.precision!r}")
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ValueError("train.steps, train.batch_size and train.grad_accum must be positive")
-        from ssamba.models import check_overrides
+        from ssamba.models import check_overrides, model_family
 
+        if model_family(self.model.name) not in ("ssamba", "ssast"):
+            raise ValueError(f"model.name: {self.model.name} is not a spectrogram encoder (SSAMBA or SSAST); "
+                             "HuBERT models pretrain with `ssamba hubert pretrain`")
         self.model.overrides = check_overrides(self.model.name, self.model.overrides)
 
 
