@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ssamba.analysis.hidden import collect_hidden, load_model
-from ssamba.analysis.mi import _summary, cca, discrete_mi, mine_mi
+from ssamba.analysis.mi import cca, discrete_mi, mine_mi, seed_summary
 
 __all__ = ["AnalysisConfig", "ModelSpec", "Panel", "analyze", "format_table", "pca"]
 
@@ -101,9 +101,9 @@ def _analyze_model(features, cfg: AnalysisConfig, log) -> dict:
     for i, h in enumerate(layers):
         t0 = time.perf_counter()
         hr = pca(h, cfg.dims)
-        out["mine"].append(_summary([mine_mi(xr, hr, seed=s, **mine_opts) for s in cfg.seeds]))
+        out["mine"].append(seed_summary([mine_mi(xr, hr, seed=s, **mine_opts) for s in cfg.seeds]))
         if labels is not None:
-            out["discrete"].append(_summary([
+            out["discrete"].append(seed_summary([
                 discrete_mi(hr, labels, k=cfg.k, seed=s, held_out=cfg.held_out, groups=utt) for s in cfg.seeds]))
         if cfg.cca:
             out["cca"].append(cca(xr, hr, seed=cfg.seeds[0], held_out=cfg.held_out, groups=utt))

@@ -41,6 +41,7 @@ __all__ = [
     "mine",
     "mine_mi",
     "mine_seeds",
+    "seed_summary",
     "split_indices",
 ]
 
@@ -220,10 +221,11 @@ def mine_seeds(x: Tensor, t: Tensor, seeds: list[int] | tuple[int, ...] = (0, 1,
     """:func:`mine_mi` for several seeds (each a fresh network and split): {"mean", "std", "values"} in nats;
     std is the sample standard deviation (0 for one seed)."""
     values = [mine_mi(x, t, seed=s, **options) for s in seeds]
-    return _summary(values)
+    return seed_summary(values)
 
 
-def _summary(values: list[float]) -> dict:
+def seed_summary(values: list[float]) -> dict:
+    """{mean, std (over seeds; 0 for one), values} of one estimate repeated over seeds."""
     v = torch.tensor(values, dtype=torch.float64)
     std = float(v.std()) if len(values) > 1 else 0.0
     return {"mean": float(v.mean()), "std": std, "values": [float(a) for a in values]}

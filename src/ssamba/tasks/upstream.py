@@ -17,6 +17,7 @@ Glossary: B waveforms, T samples, Tf fbank frames, Fg patch rows, Tg patch colum
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -46,12 +47,12 @@ class UpstreamExpert(nn.Module):
             raise ValueError("give exactly one of ckpt (a model folder) or model")
         known_mean, known_std = feats.AUDIOSET_LIBRISPEECH_MEAN, feats.AUDIOSET_LIBRISPEECH_STD
         if model is None:
-            from ssamba.tasks.finetune import META_FILE, _read_json, resolve_init
+            from ssamba.tasks.finetune import META_FILE, resolve_init
 
             path = Path(ckpt)
             if (path / "best" / META_FILE).exists():
                 path = path / "best"
-            meta = _read_json(path / META_FILE)
+            meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else None
             if meta is not None:  # a fine-tuned model: its own normalisation
                 known_mean, known_std = meta["mean"], meta["std"]
                 source = path
