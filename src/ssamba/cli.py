@@ -25,8 +25,10 @@ def _data_synth(args) -> int:
 
 
 def _data_stats(args) -> int:
-    from ssamba.data import dataset_stats, read_manifest
+    from ssamba.data import check_splits, dataset_stats, read_manifest
 
+    # every file's header first (ssamba.data.check): a bad one stops here in seconds, before any is decoded
+    check_splits({"manifest": args.manifest}, skip_bad=args.skip_bad, log=None, hint="pass --skip-bad")
     stats = dataset_stats(read_manifest(args.manifest), target_length=args.target_length,
                           skip_bad=args.skip_bad, progress=not args.json)
     if args.json:
