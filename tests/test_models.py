@@ -110,10 +110,11 @@ def test_sdpa_matches_explicit_attention():
     sdpa = TransformerBlock(32, 4, attn_impl="sdpa").eval()
     sdpa.load_state_dict(block.state_dict())
     x = torch.randn(3, 11, 32)
-    mask = torch.arange(11)[None, :] < torch.tensor([11, 6, 2])[:, None]
-    for key_mask in (None, mask):
-        out_e, out_s = block(x, key_mask), sdpa(x, key_mask)
-        rows = torch.ones_like(mask) if key_mask is None else mask
+    lengths = torch.tensor([11, 6, 2])
+    mask = torch.arange(11)[None, :] < lengths[:, None]
+    for valid in (None, lengths):
+        out_e, out_s = block(x, valid), sdpa(x, valid)
+        rows = torch.ones_like(mask) if valid is None else mask
         torch.testing.assert_close(out_s[rows], out_e[rows], **FP32_REORDER)
 
 

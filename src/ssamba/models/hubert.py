@@ -313,10 +313,9 @@ class HuBERTModel(nn.Module):
         if self.pos_conv is not None:
             x = self.pos_conv(x, frame_lengths)
         x = self.drop(x)
-        key_mask = None if frame_lengths is None else lengths_to_mask(frame_lengths, x.shape[1])
         outputs = []
         for layer in self.layers[: num_layers or len(self.layers)]:
-            x = layer(x, key_mask) if self.config.encoder == "transformer" else layer(x, frame_lengths)
+            x = layer(x, frame_lengths)  # every block: forward(x, lengths)
             outputs.append(self._zero_padding(x, frame_lengths))
         return outputs, self._zero_padding(self.final_norm(x), frame_lengths)
 

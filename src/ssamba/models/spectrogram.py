@@ -542,11 +542,10 @@ class SSASTModel(SpectrogramEncoder):
         return torch.cat(tokens, dim=1).expand(batch, -1, -1)
 
     def _backbone(self, tokens: Tensor, lengths: Tensor | None, keep_layers: bool) -> tuple[list[Tensor], Tensor]:
-        key_mask = None if lengths is None else lengths_to_mask(lengths, tokens.shape[1])
         outputs = []
         x = tokens
         for block in self.blocks:
-            x = block(x, key_mask)
+            x = block(x, lengths)
             if keep_layers:
                 outputs.append(x)
         return outputs, self.norm(x)

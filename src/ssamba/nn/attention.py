@@ -1,5 +1,6 @@
-"""ViT / DeiT transformer block as in timm 0.4.5 ``vision_transformer.Block`` (the SSAST backbone),
-with key-padding masks for right-padded batches.
+"""ViT / DeiT transformer block as in timm 0.4.5 ``vision_transformer.Block`` (the SSAST backbone), with the
+block signature every mixer of this package shares: ``forward(x, lengths)``, lengths (B,) the valid tokens of a
+right-padded batch (None: no padding); padded keys are masked out of every query's attention.
 
 Shape glossary
     B  batch       N  tokens        C  embed dim        H  heads        Dh  head dim = C / H
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssamba.nn.layers import DropPath
+from ssamba.nn.layers import DropPath, lengths_to_mask
 
 __all__ = ["ATTENTION_IMPLS", "Attention", "Mlp", "TransformerBlock"]
 
@@ -48,9 +49,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """x (B, N, C); key_mask (B, N) bool, True = a real token that may be attended to, or None."""
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """x (B, N, C); lengths (B,) valid tokens per item, or None -> (B, N, C)."""
         b, n, c = x.shape
+        key_mask = None if lengths is None else lengths_to_mask(lengths, n)  # (B, N), True = a real token
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, Dh) each
         if self.impl == "sdpa":
@@ -103,7 +105,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """x (B, N, C); key_mask (B, N) bool or None -> (B, N, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), key_mask))
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """x (B, N, C); lengths (B,) or None -> (B, N, C)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), lengths))
         return x + self.drop_path(self.mlp(self.norm2(x)))

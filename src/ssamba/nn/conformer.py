@@ -97,7 +97,6 @@ class ConformerBlock(nn.Module):
         self.ffn1 = FeedForward(dim, hidden, dropout) if use_ffn else None
         self.ffn2 = FeedForward(dim, hidden, dropout) if use_ffn else None
         self.mixer_norm = nn.LayerNorm(dim)
-        self.mixer_kind = mixer
         if mixer == "attention":
             self.mixer = Attention(dim, num_heads, proj_drop=dropout, impl="sdpa")
         else:
@@ -111,11 +110,7 @@ class ConformerBlock(nn.Module):
         if self.ffn1 is not None:
             x = x + 0.5 * self.ffn1(x)
         h = self.mixer_norm(x)
-        if self.mixer_kind == "attention":
-            key_mask = None if lengths is None else lengths_to_mask(lengths, x.shape[1])
-            h = self.mixer(h, key_mask)
-        else:
-            h = self.mixer(h, lengths)
+        h = self.mixer(h, lengths)  # attention and Mamba mixers alike: forward(x, lengths)
         x = x + self.mixer_drop(h)
         x = x + self.conv(x, lengths)
         if self.ffn2 is not None:
