@@ -22,7 +22,7 @@ from ssamba.pretrain.kmeans import (
     read_label_file,
     read_labels_for,
 )
-from ssamba.tasks.ctc import CharVocab, edit_distance, error_rates, greedy_decode
+from ssamba.tasks.ctc import CharVocab, edit_distance, error_rates, greedy_decode, load_head
 from ssamba.train.config import apply_overrides
 from ssamba.train.hubert import (
     CTCConfig,
@@ -172,6 +172,15 @@ def test_ctc_finetune_and_decoding(corpus, tmp_path):
     metrics = json.loads((tmp_path / "ctc" / "metrics.json").read_text())
     assert metrics["task"] == "ctc" and metrics["vocab"] == ["a", "b"]
     assert math.isfinite(metrics["test"]) and metrics["test"] >= 0 and result["step"] == 3
+    # the best head loads from its own folder alone (head.json: its arguments and the encoder's config)
+    head = load_head(tmp_path / "ctc" / "best")
+    assert head.args["conformer_layers"] == 1 and head.encoder.config.encoder == "conbimamba"
+    wave, lengths = torch.randn(1, 4000), torch.tensor([4000])
+    with torch.no_grad():
+        log_probs, _ = head(wave, lengths)
+    assert log_probs.shape[-1] == len(metrics["vocab"]) + 1  # + the CTC blank
+    with pytest.raises(ValueError, match="head.json is missing"):
+        load_head(tmp_path)
 
 
 def test_greedy_decode_cer_wer_by_hand():

@@ -292,21 +292,14 @@ def test_analyze_mi_cli_end_to_end(clips, tmp_path):
 
 
 def test_hubert_ctc_run_exposes_encoder_and_conformer_layers(clips, tmp_path):
-    from safetensors.torch import save_file
-
     from ssamba.models.hubert import create_hubert
-    from ssamba.tasks.ctc import CTCHead
+    from ssamba.tasks.ctc import CTCHead, save_head
 
     torch.manual_seed(0)
     encoder = create_hubert("extbimamba", "tiny")
     head = CTCHead(encoder, 6, None, conformer_layers=1, conformer_dim=16, conformer_heads=2, conformer_kernel=3)
     run = tmp_path / "ctc"
-    (run / "best").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run / "best" / "head.safetensors"))
-    (run / "config.json").write_text(json.dumps({
-        "model": {"encoder": "extbimamba", "size": "tiny", "overrides": {}}, "finetune": {"init": "none"},
-        "head": {"layer": 0, "conformer_layers": 1, "conformer_dim": 16, "conformer_heads": 2,
-                 "conformer_kernel": 3}}))
+    save_head(head, run / "best")  # the head rebuilds from its own folder: no run config is read
     model, folder = hidden.load_model(str(run))
     assert folder == run / "best"
     feats = hidden.collect_hidden(model, clips / "m.json", batch_size=4)

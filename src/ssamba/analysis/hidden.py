@@ -67,7 +67,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 class CTCStack(torch.nn.Module):
-    """A HuBERT CTC fine-tuning run (``ssamba hubert finetune``: RUN/config.json + RUN/best/head.safetensors)
+    """A HuBERT CTC fine-tuning run (``ssamba hubert finetune``: RUN/best/head.json + head.safetensors)
     seen through the ``extract_features`` contract: the encoder's layers up to the one the head reads, then
     each block of the Conformer downstream (when the head has one), so the MI curve covers the whole stack
     that feeds the CTC output layer - where Zhang et al. see MI rise again."""
@@ -100,28 +100,15 @@ class CTCStack(torch.nn.Module):
 
 
 def _load_ctc_run(run: Path) -> tuple[CTCStack, Path]:
-    from safetensors.torch import load_file
+    from ssamba.tasks.ctc import load_head
 
-    from ssamba.models.hubert import create_hubert
-    from ssamba.models.spectrogram import load_pretrained
-    from ssamba.tasks.ctc import CTCHead
-
-    cfg = json.loads((run / "config.json").read_text())
-    head_cfg, model_cfg, init = cfg["head"], cfg["model"], cfg.get("finetune", {}).get("init", "none")
-    state = load_file(str(run / "best" / "head.safetensors"))
-    # the architecture the run trained: its init folder's config, or the model section (weights come from state)
-    encoder = (load_pretrained(init) if init and init != "none"
-               else create_hubert(model_cfg["encoder"], model_cfg["size"], **model_cfg.get("overrides", {})))
-    head = CTCHead(encoder, state["out.weight"].shape[0], head_cfg.get("layer") or None,
-                   head_cfg.get("conformer_layers", 0), head_cfg.get("conformer_dim", 144),
-                   head_cfg.get("conformer_heads", 4), head_cfg.get("conformer_kernel", 15), 0.0)
-    head.load_state_dict(state)
-    return CTCStack(head), run / "best"
+    return CTCStack(load_head(run / "best")), run / "best"
 
 
 def _is_ctc_run(path: Path) -> bool:
-    return (path / "best" / "head.safetensors").exists() and (path / "config.json").exists() and \
-        "head" in json.loads((path / "config.json").read_text())
+    from ssamba.tasks.ctc import HEAD_CONFIG
+
+    return (path / "best" / HEAD_CONFIG).exists()
 
 
 def load_model(spec: str, *, seed: int = 0):

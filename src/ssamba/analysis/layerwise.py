@@ -145,11 +145,10 @@ def _cache_key(spec: str, folder: Path, cfg: AnalysisConfig, examples: list, lab
     """Hash of what a model's curves depend on: its architecture (config.json), its weights (unless random:,
     whose weights follow from the seed), the clips, the labels and the analysis settings."""
     h = hashlib.sha256()
-    weights = folder / "model.safetensors"
-    if not weights.exists():  # a CTC run: RUN/config.json + RUN/best/head.safetensors
-        weights = folder / "head.safetensors"
-        folder = folder.parent
-    h.update((folder / "config.json").read_bytes())
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    if not weights.exists():  # a CTC run's RUN/best: head.json + head.safetensors
+        weights, config = folder / "head.safetensors", folder / "head.json"
+    h.update(config.read_bytes())
     if spec.startswith("random:"):
         h.update(b"random")
     else:

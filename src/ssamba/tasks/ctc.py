@@ -15,7 +15,9 @@ F fbank frames (100 Hz), M mel bins.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,10 @@ from torch import Tensor, nn
 from ssamba.nn.conformer import ConformerBlock
 
 __all__ = ["BLANK", "CTCHead", "CharVocab", "ReconstructionHead", "edit_distance", "error_rates", "greedy_decode",
-           "phonemize"]
+           "load_head", "phonemize", "save_head"]
+
+# A saved head folder: its weights (encoder included) and what builds it again (load_head needs nothing else).
+HEAD_WEIGHTS, HEAD_CONFIG, VOCAB_FILE = "head.safetensors", "head.json", "vocab.json"
 
 BLANK = 0
 _STRESS = str.maketrans("", "", "\u02c8\u02cc")  # IPA primary / secondary stress marks
@@ -128,6 +133,10 @@ class CTCHead(nn.Module):
         if layer is not None and not 1 <= layer <= depth:
             raise ValueError(f"layer must be in 1..{depth} (or None for the last, normalised), got {layer}")
         self.encoder, self.layer = encoder, layer
+        # the constructor's architecture arguments, saved beside the weights by save_head
+        self.args = {"vocab_size": vocab_size, "layer": layer, "conformer_layers": conformer_layers,
+                     "conformer_dim": conformer_dim, "conformer_heads": conformer_heads,
+                     "conformer_kernel": conformer_kernel}  # fmt: skip
         width = encoder.config.embed_dim
         self.downstream = None
         if conformer_layers:
@@ -161,6 +170,7 @@ class ReconstructionHead(nn.Module):
                  hidden: int = 0):
         super().__init__()
         self.encoder, self.layer, self.ratio, self.num_mel_bins = encoder, layer, ratio, num_mel_bins
+        self.args = {"num_mel_bins": num_mel_bins, "layer": layer, "ratio": ratio, "hidden": hidden}
         width = encoder.config.embed_dim
         out = ratio * num_mel_bins
         self.proj = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, out)) if hidden \
@@ -171,3 +181,44 @@ class ReconstructionHead(nn.Module):
         pred = self.proj(h)  # (B, T, ratio * M)
         b, t, _ = pred.shape
         return pred.reshape(b, t * self.ratio, self.num_mel_bins), frame_lengths * self.ratio
+
+
+_HEADS = {"ctc": CTCHead, "reconstruction": ReconstructionHead}
+
+
+def save_head(head: CTCHead | ReconstructionHead, folder: str | Path, vocab: CharVocab | None = None) -> Path:
+    """``folder``: ``head.safetensors`` (head and encoder weights), ``head.json`` (the head's kind and arguments and
+    the encoder's family and config) and, for CTC, ``vocab.json``: :func:`load_head` rebuilds it from these alone."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = next(k for k, cls in _HEADS.items() if isinstance(head, cls))
+    encoder = head.encoder
+    meta = {"kind": kind, "args": head.args, "encoder": {"family": encoder.family, "config": encoder.config.to_dict()}}
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(folder / HEAD_WEIGHTS))
+    (folder / HEAD_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+    if vocab is not None:
+        (folder / VOCAB_FILE).write_text(json.dumps(vocab.chars) + "\n")
+    return folder
+
+
+def load_head(folder: str | Path) -> CTCHead | ReconstructionHead:
+    """The head saved by :func:`save_head` in ``folder`` (eval mode), encoder included."""
+    from safetensors.torch import load_file
+
+    from ssamba.models.spectrogram import FAMILIES
+
+    folder = Path(folder)
+    if not (folder / HEAD_CONFIG).exists():
+        raise ValueError(f"{folder}: not a saved head ({HEAD_CONFIG} is missing)")
+    meta = json.loads((folder / HEAD_CONFIG).read_text())
+    family = meta["encoder"]["family"]
+    if meta.get("kind") not in _HEADS or family not in FAMILIES:
+        raise ValueError(f"{folder / HEAD_CONFIG}: unknown head kind {meta.get('kind')!r} or encoder family {family!r}")
+    model_cls = FAMILIES[family]
+    encoder = model_cls(model_cls.config_class.from_dict(meta["encoder"]["config"]))
+    args = dict(meta["args"], dropout=0.0) if meta["kind"] == "ctc" else meta["args"]
+    head = _HEADS[meta["kind"]](encoder, **args)
+    head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
+    return head.eval()

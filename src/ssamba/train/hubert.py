@@ -35,7 +35,15 @@ from ssamba.data.manifest import read_manifest
 from ssamba.models.hubert import HuBERTModel, create_hubert
 from ssamba.pretrain.hubert_loss import IGNORE, HuBERTPretraining, downsample_labels, span_mask
 from ssamba.pretrain.kmeans import read_labels_for
-from ssamba.tasks.ctc import CharVocab, CTCHead, ReconstructionHead, error_rates, greedy_decode
+from ssamba.tasks.ctc import (
+    HEAD_WEIGHTS,
+    CharVocab,
+    CTCHead,
+    ReconstructionHead,
+    error_rates,
+    greedy_decode,
+    save_head,
+)
 from ssamba.train.checkpoint import (
     catch_stop_signals,
     latest_checkpoint,
@@ -667,7 +675,7 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
         result = evaluate(net, valid_set)
         if result["cer"] < best["cer"]:
             best.update(cer=result["cer"], step=step)
-            _save_head(net, run / "best", vocab)
+            save_head(net, run / "best", vocab)
         return {k: v for k, v in result.items() if k != "examples"} | {"best_cer": best["cer"]}
 
     result = _run_loop(run, cfg, head, train_set, step_fn, eval_fn if valid_set is not None else None, resume,
@@ -677,7 +685,7 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
     if valid_set is not None and (run / "best").exists():
         _load_head(head, run / "best")
     else:
-        _save_head(head, run / "best", vocab)
+        save_head(head, run / "best", vocab)
     summary = {"task": "ctc", "metric": "cer" if h.units == "chars" else "per", "units": h.units,
                "init": cfg.finetune.init, "layer": h.layer or "last",
                "conformer_layers": h.conformer_layers, "steps": result["step"],
@@ -693,19 +701,11 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
     return {**result, **summary}
 
 
-def _save_head(net: torch.nn.Module, folder: Path, vocab: CharVocab | None) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(folder / "head.safetensors"))
-    if vocab is not None:
-        (folder / "vocab.json").write_text(json.dumps(vocab.chars) + "\n")
-
-
 def _load_head(net: torch.nn.Module, folder: Path) -> None:
+    """The weights ``save_head`` wrote, into the head being trained (the best checkpoint, at the end)."""
     from safetensors.torch import load_file
 
-    net.load_state_dict(load_file(str(folder / "head.safetensors")))
+    net.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
 
 
 # ------------------------------------------------------------------------------------------------ reconstruction
