@@ -33,7 +33,7 @@ def test_two_processes_match_one(tmp_path):
 def test_bad_files_left_out_match_between_one_and_two_processes(tmp_path):
     """data.skip_bad with unequal micro-batches: 1 process x grad_accum 2 == 2 processes x 1, including a
     micro-batch whose items are all unreadable (that process still joins the gradient all-reduce)."""
-    from ssamba.train.distributed import ResumableBatchSampler
+    from ssamba.data.sampler import ResumableBatchSampler
 
     manifest = make_corpus(tmp_path, items=8)
     bad = {0, 4, 5}

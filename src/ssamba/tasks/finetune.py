@@ -42,6 +42,7 @@ from ssamba import features as feats
 from ssamba.data.check import check_splits
 from ssamba.data.datasets import AudioDataset
 from ssamba.data.manifest import Example, LabelSet, read_manifest
+from ssamba.data.sampler import ResumableBatchSampler
 from ssamba.models.spectrogram import FAMILIES, create_model, load_pretrained
 from ssamba.nn.layers import lengths_to_mask
 from ssamba.tasks.metrics import confusion_matrix, markdown_table, plot_confusion, task_metrics
@@ -56,7 +57,6 @@ from ssamba.train.checkpoint import (
     rng_state,
 )
 from ssamba.train.checkpoint import save_checkpoint as write_checkpoint
-from ssamba.train.distributed import ResumableBatchSampler
 from ssamba.train.guard import NonFiniteGuard
 from ssamba.train.logging import MetricsLog
 

@@ -32,6 +32,7 @@ from ssamba import features as feats
 from ssamba.data.check import check_splits
 from ssamba.data.datasets import AudioDataset, pad_collate
 from ssamba.data.manifest import read_manifest
+from ssamba.data.sampler import ResumableBatchSampler
 from ssamba.models.hubert import HuBERTModel, create_hubert
 from ssamba.pretrain.hubert_loss import IGNORE, HuBERTPretraining, downsample_labels, span_mask
 from ssamba.pretrain.kmeans import read_labels_for
@@ -55,7 +56,7 @@ from ssamba.train.checkpoint import (
     save_checkpoint,
 )
 from ssamba.train.config import merge_sections
-from ssamba.train.distributed import ResumableBatchSampler, setup_distributed
+from ssamba.train.distributed import setup_distributed
 from ssamba.train.guard import NonFiniteGuard
 from ssamba.train.logging import MetricsLog
 

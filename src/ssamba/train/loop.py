@@ -22,6 +22,7 @@ import torch
 
 from ssamba.data.check import check_splits
 from ssamba.data.datasets import AudioDataset
+from ssamba.data.sampler import ResumableBatchSampler
 from ssamba.models import create_model
 from ssamba.pretrain.masking import cluster_patch_mask, frame_mask, mask_count
 from ssamba.pretrain.mspm import MaskedPatchPretraining
@@ -36,7 +37,7 @@ from ssamba.train.checkpoint import (
 )
 from ssamba.train.checkpoint import save_checkpoint as write_checkpoint
 from ssamba.train.config import PretrainConfig
-from ssamba.train.distributed import ResumableBatchSampler, setup_distributed
+from ssamba.train.distributed import setup_distributed
 from ssamba.train.guard import NonFiniteGuard, NonFiniteLossError
 from ssamba.train.logging import MetricsLog
 
