@@ -185,13 +185,41 @@ def causal_conv1d_reference(
 
 # ---------------------------------------------------------------------------------------------- dispatch
 
+
+class _Backends:
+    """Backends of one op: name -> (function, is_available(t) predicate). ``auto`` picks the first available of
+    ``auto_order``; the reference, always available, is registered first and stays last."""
+
+    def __init__(self, op: str, reference: Callable) -> None:
+        self.op = op
+        self.table: dict[str, tuple[Callable, Callable[[Tensor], bool]]] = {"reference": (reference, lambda t: True)}
+        self.auto_order: list[str] = ["reference"]
+
+    def register(self, name: str, fn: Callable, is_available: Callable[[Tensor], bool],
+                 auto_priority: int | None = None) -> None:
+        self.table[name] = (fn, is_available)
+        if auto_priority is not None:
+            if name in self.auto_order:
+                self.auto_order.remove(name)
+            self.auto_order.insert(auto_priority, name)
+
+    def resolve(self, t: Tensor, name: str, source: str | None = None) -> str:
+        """The backend ``name`` ("auto" or a registered one) means for input ``t``; a ValueError names a backend
+        that is unknown (and where the name came from) or cannot run on ``t``."""
+        name = name.strip().lower() or "auto"
+        if name == "auto":
+            return next((c for c in self.auto_order if self.table[c][1](t)), "reference")
+        if name not in self.table:
+            origin = f" (from {source})" if source else ""
+            raise ValueError(f"unknown {self.op} backend {name!r}{origin}; choose one of: auto, "
+                             f"{', '.join(self.table)}")
+        if not self.table[name][1](t):
+            raise ValueError(f"{self.op} backend {name!r} cannot run on this input/installation")
+        return name
+
+
 ScanFn = Callable[..., "Tensor | tuple[Tensor, Tensor]"]
-# name -> (function, is_available(u) predicate). ``auto`` picks the first available one in insertion
-# order of ``_AUTO_ORDER``; the reference is always available and comes last.
-_BACKENDS: dict[str, tuple[ScanFn, Callable[[Tensor], bool]]] = {
-    "reference": (selective_scan_reference, lambda u: True),
-}
-_AUTO_ORDER: list[str] = ["reference"]
+_SCANS = _Backends("selective-scan", selective_scan_reference)
 
 
 def register_backend(
@@ -200,11 +228,7 @@ def register_backend(
     """Add a scan backend. ``is_available(u)`` says whether it can run on ``u`` (device, dtype, install);
     with ``auto_priority`` set it joins automatic selection at that position (0 = tried first; negative counts from
     the end, as ``list.insert``: -1 = just before the reference, which stays last)."""
-    _BACKENDS[name] = (fn, is_available)
-    if auto_priority is not None:
-        if name in _AUTO_ORDER:
-            _AUTO_ORDER.remove(name)
-        _AUTO_ORDER.insert(auto_priority, name)
+    _SCANS.register(name, fn, is_available, auto_priority)
 
 
 _forced: list[str] = []  # stack of use_backend() names, innermost last
@@ -223,27 +247,14 @@ def use_backend(name: str) -> Iterator[None]:
 
 def available_backends() -> list[str]:
     """Names accepted by ``backend=`` / ``SSAMBA_SCAN_BACKEND`` (plus ``auto``)."""
-    return list(_BACKENDS)
+    return list(_SCANS.table)
 
 
 def resolve_backend(u: Tensor, backend: str | None = None) -> str:
     """The backend name that :func:`selective_scan` would use for input ``u``."""
     source = "argument" if backend is not None else "use_backend" if _forced else ENV_VAR
     name = backend if backend is not None else _forced[-1] if _forced else os.environ.get(ENV_VAR, "auto")
-    name = name.strip().lower() or "auto"
-    if name == "auto":
-        for candidate in _AUTO_ORDER:
-            if _BACKENDS[candidate][1](u):
-                return candidate
-        return "reference"
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"unknown selective-scan backend {name!r} (from {source}); "
-            f"choose one of: auto, {', '.join(_BACKENDS)}"
-        )
-    if not _BACKENDS[name][1](u):
-        raise ValueError(f"selective-scan backend {name!r} cannot run on this input/installation")
-    return name
+    return _SCANS.resolve(u, name, source)
 
 
 def selective_scan(
@@ -265,7 +276,7 @@ def selective_scan(
     Returns out (B, D, L) [, last_state (B, D, N)].
     ``backend``: "auto" (default), or a name from :func:`available_backends`; overrides $SSAMBA_SCAN_BACKEND.
     """
-    fn = _BACKENDS[resolve_backend(u, backend)][0]
+    fn = _SCANS.table[resolve_backend(u, backend)][0]
     # A named range for torch.profiler (``ssamba bench models --profile`` attributes everything inside it,
     # numba time included, to the scan); costs about a microsecond per call when no profiler runs.
     with torch.profiler.record_function("ssamba::selective_scan"):
@@ -275,44 +286,31 @@ def selective_scan(
 # ------------------------------------------------------------------------------------ conv1d dispatch
 
 ConvFn = Callable[..., Tensor]
-# name -> (function, is_available(x) predicate), as the scan's; ``auto`` picks the first available one of
-# ``_CONV_AUTO_ORDER`` (the reference, always available, comes last). ``cpu`` registers from ssamba.ops.conv_cpu.
-_CONV_BACKENDS: dict[str, tuple[ConvFn, Callable[[Tensor], bool]]] = {
-    "reference": (causal_conv1d_reference, lambda x: True),
-}
-_CONV_AUTO_ORDER: list[str] = ["reference"]
+# ``cpu`` registers from ssamba.ops.conv_cpu.
+_CONVS = _Backends("causal-conv1d", causal_conv1d_reference)
 
 
 def register_conv_backend(
     name: str, fn: ConvFn, is_available: Callable[[Tensor], bool], auto_priority: int | None = None
 ) -> None:
     """Add a causal-conv1d backend, as :func:`register_backend` does a scan backend."""
-    _CONV_BACKENDS[name] = (fn, is_available)
-    if auto_priority is not None:
-        if name in _CONV_AUTO_ORDER:
-            _CONV_AUTO_ORDER.remove(name)
-        _CONV_AUTO_ORDER.insert(auto_priority, name)
+    _CONVS.register(name, fn, is_available, auto_priority)
 
 
 def resolve_conv_backend(x: Tensor, backend: str | None = None) -> str:
     """The backend name that :func:`causal_conv1d` would use for input ``x``.
 
     ``auto`` follows the scan's explicit choice of the reference (an enclosing ``use_backend("reference")`` or
-    ``SSAMBA_SCAN_BACKEND=reference``), so that the faithful path stays bit for bit the official arithmetic (the
-    fused kernel sums the W taps in another order than ``F.conv1d``); otherwise the first available of
-    ``_CONV_AUTO_ORDER`` (``cpu`` for CPU tensors, else the reference).
+    ``SSAMBA_SCAN_BACKEND=reference``), so that "reference" means pure PyTorch for the whole mixer (the fused kernel
+    sums the W taps in another order than ``F.conv1d``); otherwise the first available (``cpu`` for CPU tensors,
+    else the reference).
     """
     name = (backend or "auto").strip().lower() or "auto"
     if name == "auto":
         scan_choice = _forced[-1] if _forced else os.environ.get(ENV_VAR, "auto")
         if scan_choice.strip().lower() == "reference":
             return "reference"
-        return next((c for c in _CONV_AUTO_ORDER if _CONV_BACKENDS[c][1](x)), "reference")
-    if name not in _CONV_BACKENDS:
-        raise ValueError(f"unknown causal-conv1d backend {name!r}; choose one of: auto, {', '.join(_CONV_BACKENDS)}")
-    if not _CONV_BACKENDS[name][1](x):
-        raise ValueError(f"causal-conv1d backend {name!r} cannot run on this input/installation")
-    return name
+    return _CONVS.resolve(x, name)
 
 
 def causal_conv1d(
@@ -324,7 +322,7 @@ def causal_conv1d(
     mixer's) or None. Returns (B, D, L) in ``weight.dtype``. ``backend``: "auto" (default, see
     :func:`resolve_conv_backend`), "reference" or "cpu".
     """
-    fn = _CONV_BACKENDS[resolve_conv_backend(x, backend)][0]
+    fn = _CONVS.table[resolve_conv_backend(x, backend)][0]
     # Its own profiler range, as the scan's; the fused kernel runs no aten convolution op.
     with torch.profiler.record_function("ssamba::causal_conv1d"):
         return fn(x, weight, bias, activation)
