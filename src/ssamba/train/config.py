@@ -199,14 +199,12 @@ def apply_overrides(cfg: Any, pairs: list[str]) -> None:
             raise ValueError(f"{source}: unknown config section {section!r}; known: "
                              f"{', '.join(s for s, t in sections.items() if dataclasses.is_dataclass(t))}")
         fields = field_types(sections[section])
-        if name not in fields:
-            raise ValueError(f"{source}: unknown config key {section}.{name}; known: {', '.join(sorted(fields))}")
-        if rest and (fields[name] is not dict or len(rest) != 1):
+        if name in fields and rest and (fields[name] is not dict or len(rest) != 1):
             raise ValueError(f"{source}: {section}.{name} is not a table, so {key.strip()} does not exist")
-        if rest:  # one entry of a table, e.g. model.overrides.depth: typed by the model config in validate
+        if name in fields and rest:  # one entry of a table, e.g. model.overrides.depth: typed in validate
             value = {**getattr(getattr(cfg, section), name), rest[0]: parse_text(text)}
-        else:
-            value = parse_text(text, fields[name])
+        else:  # (an unknown key is named, with the known ones, by merge_sections)
+            value = parse_text(text, fields.get(name, Any))
         merge_sections(cfg, {section: {name: value}}, source)
 
 
