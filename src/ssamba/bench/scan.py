@@ -240,6 +240,21 @@ def machine_info() -> dict[str, object]:
     }
 
 
+def _row(method: str, length: int, forward: tuple[float, int], forward_backward: tuple[float, int],
+         memory_mib: tuple[float, float] | None) -> dict:
+    """One table row (the CPU and the CUDA runs share it): (median seconds, timed calls) of each pass, and the peak
+    extra MiB of each or None."""
+    updates = BATCH * CHANNELS * length * STATE
+    return {
+        "method": method, "length": length,
+        "forward_s": forward[0], "forward_runs": forward[1],
+        "forward_backward_s": forward_backward[0], "forward_backward_runs": forward_backward[1],
+        "forward_updates_per_s": updates / forward[0], "forward_backward_updates_per_s": updates / forward_backward[0],
+        "forward_peak_extra_mib": None if memory_mib is None else memory_mib[0],
+        "forward_backward_peak_extra_mib": None if memory_mib is None else memory_mib[1],
+    }  # fmt: skip
+
+
 def run(quick: bool = False, lengths: tuple[int, ...] | None = None, measure_memory: bool = True,
         log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """Measure every method at every length (see the module docstring) and return one JSON-ready dict:
@@ -261,7 +276,6 @@ def run(quick: bool = False, lengths: tuple[int, ...] | None = None, measure_mem
     for length in lengths:
         inputs = make_inputs(length)
         grad_out = torch.randn(BATCH, CHANNELS, length, generator=torch.Generator().manual_seed(1))
-        updates = BATCH * CHANNELS * length * STATE
         for name, method in methods().items():
             if name == "baseline:per_step" and length > PER_STEP_MAX_LENGTH:
                 continue
@@ -275,14 +289,8 @@ def run(quick: bool = False, lengths: tuple[int, ...] | None = None, measure_mem
             if measure_memory:
                 say(f"L={length} {name}: peak memory (child process)")
                 memory = _measure_memory(name, length)
-            rows.append({
-                "method": name, "length": length,
-                "forward_s": fwd_s, "forward_runs": fwd_runs,
-                "forward_backward_s": fb_s, "forward_backward_runs": fb_runs,
-                "forward_updates_per_s": updates / fwd_s, "forward_backward_updates_per_s": updates / fb_s,
-                "forward_peak_extra_mib": None if memory is None else memory["forward_mib"],
-                "forward_backward_peak_extra_mib": None if memory is None else memory["forward_backward_mib"],
-            })  # fmt: skip
+            rows.append(_row(name, length, (fwd_s, fwd_runs), (fb_s, fb_runs),
+                             None if memory is None else (memory["forward_mib"], memory["forward_backward_mib"])))
         del inputs, grad_out
         gc.collect()
     return {
@@ -345,7 +353,6 @@ def run_cuda(quick: bool = False, lengths: tuple[int, ...] | None = None,
     for length in lengths:
         inputs = {k: v.detach().cuda().requires_grad_() for k, v in make_inputs(length).items()}
         grad_out = torch.randn(BATCH, CHANNELS, length, generator=torch.Generator().manual_seed(1)).cuda()
-        updates = BATCH * CHANNELS * length * STATE
         for name, method in found.items():
             forward, forward_backward = _calls(method, inputs, grad_out)
             say(f"L={length} {name}: timing (CUDA events)")
@@ -356,13 +363,7 @@ def run_cuda(quick: bool = False, lengths: tuple[int, ...] | None = None,
             fwd_mib, fb_mib = _cuda_peak_extra_mib(forward), _cuda_peak_extra_mib(forward_backward)
             for t in inputs.values():
                 t.grad = None
-            rows.append({
-                "method": name, "length": length,
-                "forward_s": fwd_s, "forward_runs": fwd_runs,
-                "forward_backward_s": fb_s, "forward_backward_runs": fb_runs,
-                "forward_updates_per_s": updates / fwd_s, "forward_backward_updates_per_s": updates / fb_s,
-                "forward_peak_extra_mib": fwd_mib, "forward_backward_peak_extra_mib": fb_mib,
-            })  # fmt: skip
+            rows.append(_row(name, length, (fwd_s, fwd_runs), (fb_s, fb_runs), (fwd_mib, fb_mib)))
         del inputs, grad_out
         torch.cuda.empty_cache()
     machine = machine_info()
