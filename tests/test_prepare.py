@@ -12,6 +12,7 @@ from ssamba.audio import save_audio
 from ssamba.cli import main
 from ssamba.data.manifest import Example, LabelSet, ManifestError, read_manifest, write_manifest
 from ssamba.data.prepare import PREPARERS, PrepareError, prepare
+from tests.conftest import one_error_line
 
 RNG = np.random.default_rng(0)
 
@@ -305,8 +306,8 @@ def test_cli_prepare_json(tmp_path, capsys):
 
 
 def _one_error_line(capsys, *words):
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("ssamba: error:"), err
+    err = one_error_line(capsys.readouterr().err)
+    assert err.startswith("ssamba: error:"), err
     for w in words:
         assert w in err, err
     return err
