@@ -8,7 +8,6 @@ import torch
 from ssamba import features
 from ssamba.audio import AudioError, load_audio, save_audio
 from ssamba.data import AudioDataset, Example, LabelSet, ManifestError, dataset_stats, read_manifest, write_manifest
-from ssamba.data import check as data_check
 from ssamba.data.check import UnusableFilesError, check_splits, header_problem
 from tests.test_audio import _bad
 
@@ -189,7 +188,7 @@ def test_check_splits_one_line_per_run_counts_per_split_and_a_cache_per_manifest
     # checked once per manifest (path, mtime, size): no header is read again until the manifest changes
     calls = []
     info_fn = soundfile.info
-    monkeypatch.setattr(data_check.soundfile, "info", lambda path: calls.append(path) or info_fn(path))
+    monkeypatch.setattr(soundfile, "info", lambda path: calls.append(path) or info_fn(path))
     assert check_splits({"test": test}, skip_bad=True, log=None) == {"test": 1} and calls == []
     write_manifest(test, examples)  # repaired
     assert check_splits({"test": test}, skip_bad=False) == {"test": 0} and len(calls) == 3

@@ -49,16 +49,15 @@ def load_audio(
             declared = f.frames
             file_rate = f.samplerate
             data = f.read(dtype="float32", always_2d=True)  # (time, channels)
-            # libsndfile shortens a WAV/AIFF whose data chunk runs past the end of the file without an
-            # error; its header log then reads "data : 16000 (should be 7978)".
+            # a truncated data chunk is read short without an error: see _truncation_note
             header_log = f.extra_info
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f"{path}: unreadable or corrupt audio ({e})") from e
     if declared == 0 or data.shape[0] == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
-    shortened = [ln.strip() for ln in header_log.splitlines() if ln.startswith(("data", "SSND")) and "should be" in ln]
+    shortened = _truncation_note(header_log)
     if shortened or 0 < declared < 2**62 and data.shape[0] < declared:
-        detail = shortened[0] if shortened else f"{data.shape[0]} of {declared} declared samples readable"
+        detail = shortened or f"{data.shape[0]} of {declared} declared samples readable"
         raise AudioError(f"{path}: truncated audio ({detail})")
     if not np.isfinite(data).all():
         raise AudioError(f"{path}: contains NaN or infinite samples")
@@ -66,11 +65,47 @@ def load_audio(
     if file_rate != sample_rate:
         wave = resample(wave, file_rate, sample_rate)
     if wave.shape[-1] < min_samples:
-        raise AudioError(
-            f"{path}: too short ({wave.shape[-1]} samples at {sample_rate} Hz; at least {min_samples} needed "
-            f"for one analysis frame)"
-        )
+        raise AudioError(f"{path}: {_too_short(wave.shape[-1], sample_rate, min_samples)}")
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _truncation_note(header_log: str | None) -> str | None:
+    """libsndfile shortens a WAV/AIFF whose data chunk runs past the end of the file without an error; its header
+    log then reads "data : 16000 (should be 7978)". That line, or None."""
+    lines = [ln.strip() for ln in (header_log or "").splitlines()
+             if ln.startswith(("data", "SSND")) and "should be" in ln]  # fmt: skip
+    return lines[0] if lines else None
+
+
+def _too_short(samples: int, sample_rate: int, min_samples: int) -> str:
+    return f"too short ({samples} samples at {sample_rate} Hz; at least {min_samples} needed for one analysis frame)"
+
+
+def header_problem(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE,
+                   min_samples: int = MIN_SAMPLES) -> str | None:
+    """Why `load_audio(path, sample_rate)` would reject the file, judged from its header alone (nothing decoded:
+    ``ssamba.data.check`` runs it over whole splits before training); None when it looks usable. What only decoding
+    shows (NaN samples, a corrupt stream behind a valid header) is for `load_audio` to find."""
+    path = Path(path)
+    if not path.exists():
+        return "file not found"
+    if path.is_dir():
+        return "is a directory, not an audio file"
+    try:
+        info = soundfile.info(str(path))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        return f"unreadable or corrupt audio ({e})"
+    frames = info.frames
+    if frames == 0:
+        return "empty audio (0 samples)"
+    shortened = _truncation_note(info.extra_info)
+    if shortened:  # libsndfile reads such a file short without an error
+        return f"truncated audio ({shortened})"
+    if 0 < frames < 2**62:  # streams of unknown length report a huge count: their length is the loader's to judge
+        samples = frames if info.samplerate == sample_rate else math.ceil(frames * sample_rate / info.samplerate)
+        if samples < min_samples:
+            return _too_short(samples, sample_rate, min_samples)
+    return None
 
 
 def audio_info(path: str | os.PathLike) -> tuple[int, int, float]:

@@ -19,14 +19,11 @@ table's runs, valid given again as test) checks it once; a new process checks ag
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import soundfile
-
-from ssamba.audio import MIN_SAMPLES, SAMPLE_RATE
+from ssamba.audio import MIN_SAMPLES, SAMPLE_RATE, header_problem
 from ssamba.data.manifest import Example, ManifestError, read_manifest
 
 __all__ = ["UnusableFilesError", "check_splits", "header_problem"]
@@ -40,33 +37,6 @@ _CACHE: dict[tuple, tuple[int, tuple[tuple[str, str], ...]]] = {}
 
 class UnusableFilesError(ManifestError):
     """Unusable audio files in the splits a command was given (one line: counts per split, the first files)."""
-
-
-def header_problem(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE,
-                   min_samples: int = MIN_SAMPLES) -> str | None:
-    """Why `load_audio(path, sample_rate)` would reject the file, judged from its header; None when it looks usable."""
-    path = Path(path)
-    if not path.exists():
-        return "file not found"
-    if path.is_dir():
-        return "is a directory, not an audio file"
-    try:
-        info = soundfile.info(str(path))
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        return f"unreadable or corrupt audio ({e})"
-    frames = info.frames
-    if frames == 0:
-        return "empty audio (0 samples)"
-    shortened = [ln.strip() for ln in (info.extra_info or "").splitlines()
-                 if ln.startswith(("data", "SSND")) and "should be" in ln]  # fmt: skip
-    if shortened:  # as load_audio: libsndfile reads such a file short without an error
-        return f"truncated audio ({shortened[0]})"
-    if 0 < frames < 2**62:  # streams of unknown length report a huge count: their length is the loader's to judge
-        samples = frames if info.samplerate == sample_rate else math.ceil(frames * sample_rate / info.samplerate)
-        if samples < min_samples:
-            return (f"too short ({samples} samples at {sample_rate} Hz; at least {min_samples} needed for one "
-                    f"analysis frame)")  # fmt: skip
-    return None
 
 
 def _check_examples(examples: Sequence[Example], sample_rate: int, min_samples: int) -> tuple[tuple[str, str], ...]:
