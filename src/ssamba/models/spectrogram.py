@@ -615,28 +615,33 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **overrides: Any) -> SpectrogramEncoder:
-    """Build a registered preset; ``overrides`` replace config fields (unknown keys raise ValueError)."""
+def _preset(name: str) -> Callable[..., nn.Module]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _REGISTRY[name](**overrides)
+    return _REGISTRY[name]
+
+
+def _model_class(name: str) -> type | None:
+    """The model class a preset returns (its return annotation), or None for a preset registered without it."""
+    return typing.get_type_hints(_preset(name)).get("return")
+
+
+def create_model(name: str, **overrides: Any) -> SpectrogramEncoder:
+    """Build a registered preset; ``overrides`` replace config fields (unknown keys raise ValueError)."""
+    return _preset(name)(**overrides)
 
 
 def model_family(name: str) -> str | None:
     """The family (``"ssamba"``, ``"ssast"``, ``"hubert"``, ...) of a registered preset, from its model class; None
     for a preset registered without its model class as return annotation."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return getattr(typing.get_type_hints(_REGISTRY[name]).get("return"), "family", None)
+    return getattr(_model_class(name), "family", None)
 
 
 def check_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """``overrides`` for ``create_model(name, **overrides)``, checked without building the model: the preset
     exists, every key is a field of its config and every value has that field's type (converted where lossless;
     a ValueError names the culprit otherwise). Cross-field checks (patch grid, ...) happen when it is built."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    config_class = getattr(typing.get_type_hints(_REGISTRY[name]).get("return"), "config_class", None)
+    config_class = getattr(_model_class(name), "config_class", None)
     if config_class is None:  # a preset registered without its model class as return annotation
         return dict(overrides)
     return typed_fields(config_class, overrides, "model.overrides")

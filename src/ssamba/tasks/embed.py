@@ -38,7 +38,7 @@ import soundfile
 import torch
 
 from ssamba import features as feats
-from ssamba.audio import SAMPLE_RATE, load_audio
+from ssamba.audio import SAMPLE_RATE, audio_info, load_audio
 from ssamba.data.check import check_splits, header_problem
 from ssamba.data.datasets import AudioDataset
 from ssamba.data.manifest import AUDIO_SUFFIXES, Example, read_manifest
@@ -247,8 +247,8 @@ def embed_recording(encoder, path: str | os.PathLike, mean: float, std: float, *
 
 
 def _header_frames(path: Path) -> int:
-    info = soundfile.info(str(path))
-    return feats.num_frames(round(info.frames * SAMPLE_RATE / max(info.samplerate, 1)))
+    """fbank frames of the file once at 16 kHz, from its header."""
+    return feats.num_frames(round(audio_info(path)[2] * SAMPLE_RATE))
 
 
 @torch.no_grad()
