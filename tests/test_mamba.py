@@ -185,18 +185,19 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def test_inner_bimamba_inference_holds_at_most_five_activations():
-    # Without autograd the bidirectional mixer releases each forward-order tensor once its replacement exists:
-    # at most five (B, E, L) tensors (x or its reversal, z, the scan's u, delta and output, or y_f) at once,
-    # plus the small x_dbl / B / C ones. Holding x and z through the backward scan cost eight. (The reference
-    # scan materialises (B, E, N, L) tensors, so this is about the fused backends.)
+def test_inner_bimamba_inference_holds_at_most_three_activations():
+    # Without autograd the bidirectional mixer takes the fused chain (ssamba.ops.bimamba_cpu), which works in
+    # place: three (B, E, L) tensors at once (x, then u_f, then y_f; u_b, then y_b; z, then the result), plus the
+    # small ones, in units of one at E = 384, d_state 16: x_dbl of both directions 2 (R + 2N) / E = 0.23, B and C
+    # in the scan's blocked layout 0.17, and one blocking buffer 0.08 (3.48; 3.60 measured, 3.75 allowed).
+    # The unfused path held five.
     torch.manual_seed(0)
     m = InnerBiMamba(192).eval()  # E = 384: the SSAMBA-tiny width, where x_dbl is small beside E
     hidden = torch.randn(2, 256, 192)
     unit = 2 * m.d_inner * 256 * 4  # bytes of one (B, E, L) float32 tensor
     with torch.no_grad(), use_backend("cpu"), _LiveBytes() as mode:
         m(hidden)
-    assert mode.peak <= 6 * unit, mode.peak / unit
+    assert mode.peak <= 3.75 * unit, mode.peak / unit
 
 
 @pytest.mark.parametrize("make", [lambda **kw: InnerBiMamba(16, d_state=8, **kw),

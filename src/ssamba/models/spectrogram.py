@@ -316,10 +316,11 @@ class SpectrogramEncoder(nn.Module):
         forward would cost depth x B x K x C of memory that only feature extraction needs."""
         if patch_lengths is None:
             patch_lengths = torch.full((patches.shape[0],), patches.shape[1], device=patches.device, dtype=torch.long)
-        tokens = self._add_tokens(patches, patch_lengths)
         token_lengths = patch_lengths + self.num_special_tokens
-        padded = not bool((token_lengths == tokens.shape[1]).all())
-        layers, final = self._backbone(tokens, token_lengths if padded else None, keep_layers)
+        padded = not bool((token_lengths == patches.shape[1] + self.num_special_tokens).all())
+        # The tokens are made inside the call so that only the backbone holds them (and can let them go).
+        layers, final = self._backbone(self._add_tokens(patches, patch_lengths), token_lengths if padded else None,
+                                       keep_layers)  # fmt: skip
         return layers, final, token_lengths
 
     # -- public forward API
@@ -465,6 +466,7 @@ class SSAMBAModel(SpectrogramEncoder):
 
     def _backbone(self, tokens: Tensor, lengths: Tensor | None, keep_layers: bool) -> tuple[list[Tensor], Tensor]:
         hidden, residual = tokens, None
+        del tokens  # the first pair's input is `hidden`; no other name may keep it alive past that pair
         outputs = []
         for i in range(0, len(self.layers), 2):
             first, second = self.layers[i], self.layers[i + 1]
@@ -474,10 +476,15 @@ class SSAMBAModel(SpectrogramEncoder):
                 # residual + hidden again. So the second layer is handed the reversed first sum as its residual
                 # (a block given residual None takes its input as the residual), and the pair's residual is that
                 # sum twice: 3 reversals and 1 addition of (B, K, C) fewer than the loop below, same numbers.
+                # Each (B, K, C) tensor is dropped as soon as it is dead: an inference forward's peak memory is
+                # its live set, and a finished pair's four intermediates would otherwise outlive the next pair.
                 hidden_f, residual_f = first(hidden, residual, lengths)
-                hidden_b, _ = second(reverse_padded(residual_f, lengths), None, lengths)
+                del hidden, residual
+                hidden_b = second(reverse_padded(residual_f, lengths), None, lengths)[0]
                 hidden = hidden_f + reverse_padded(hidden_b, lengths)
+                del hidden_f, hidden_b
                 residual = residual_f + residual_f
+                del residual_f
                 if keep_layers:
                     outputs.append(residual + hidden)
                 continue
@@ -544,6 +551,7 @@ class SSASTModel(SpectrogramEncoder):
     def _backbone(self, tokens: Tensor, lengths: Tensor | None, keep_layers: bool) -> tuple[list[Tensor], Tensor]:
         outputs = []
         x = tokens
+        del tokens  # as SSAMBA's backbone: no second name keeps the first block's input alive
         for block in self.blocks:
             x = block(x, lengths)
             if keep_layers:

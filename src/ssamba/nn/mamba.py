@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.nn.layers import reverse_padded
-from ssamba.ops.selective_scan import causal_conv1d, selective_scan
+from ssamba.ops import bimamba_cpu
+from ssamba.ops.selective_scan import causal_conv1d, resolve_backend, resolve_conv_backend, selective_scan
 
 __all__ = ["ExtBiMamba", "InnerBiMamba", "Mamba"]
 
@@ -218,6 +219,8 @@ class InnerBiMamba(Mamba):
 
     def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
         """hidden_states (B, L, M), lengths (B,) or None -> (B, L, M)."""
+        if self._fused_inference(hidden_states):
+            return self._out_proj(self._fused_inner(hidden_states, lengths))
         x, z = self._in_proj(hidden_states)  # (B, E, L) each
         y_f = self._ssm_xz(x, z, "")  # (B, E, L)
         # The backward direction. x and z are reversed apart: on the fast path they are contiguous and so are their
@@ -239,6 +242,38 @@ class InnerBiMamba(Mamba):
         if self.divide_out:
             y.div_(2)
         return self._out_proj(y)
+
+    def _fused_inference(self, hidden_states: Tensor) -> bool:
+        """Whether this forward takes :mod:`ssamba.ops.bimamba_cpu`'s fused chain: the fast path, nothing for
+        autograd to record, and the scan and the conv both on their ``cpu`` backends (so ``use_backend`` /
+        ``SSAMBA_SCAN_BACKEND`` choose between the fused chain and the reference ops as they do for the others)."""
+        if not self.fast_path or not bimamba_cpu.is_available(hidden_states):
+            return False
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return resolve_backend(hidden_states) == "cpu" and resolve_conv_backend(hidden_states) == "cpu"
+
+    def _fused_inner(self, hidden_states: Tensor, lengths: Tensor | None) -> Tensor:
+        """hidden_states (B, L, M) -> the out_proj input (B, E, L), through the fused inference kernels. x is
+        written into the first half of a (2, B, E, L) buffer whose second half holds the backward direction."""
+        h_t = hidden_states.transpose(1, 2)  # (B, M, L), a view
+        w, bias, e = self.in_proj.weight, self.in_proj.bias, self.d_inner
+        xu = hidden_states.new_empty(2, h_t.shape[0], e, h_t.shape[2])  # (2, B, E, L)
+        torch.bmm(w[:e].unsqueeze(0).expand(h_t.shape[0], -1, -1), h_t, out=xu[0])
+        z = _left_mm(w[e:], h_t)  # (B, E, L)
+        if bias is not None:
+            xu[0].add_(bias[:e, None])
+            z.add_(bias[e:, None])
+        return bimamba_cpu.bimamba_inner_cpu(xu, z, lengths, self._direction(""), self._direction("_b"),
+                                             self.divide_out)  # fmt: skip
+
+    def _direction(self, suffix: str) -> bimamba_cpu.DirectionWeights:
+        conv: nn.Conv1d = getattr(self, "conv1d" + suffix)
+        dt_proj: nn.Linear = getattr(self, "dt_proj" + suffix)
+        return bimamba_cpu.DirectionWeights(
+            conv.weight, conv.bias, getattr(self, "x_proj" + suffix).weight, dt_proj.weight, dt_proj.bias,
+            -torch.exp(_at_least_f32(getattr(self, "A" + suffix + "_log"))), getattr(self, "D" + suffix),
+        )  # fmt: skip
 
 
 class ExtBiMamba(nn.Module):

@@ -41,7 +41,7 @@ from torch import Tensor
 from ssamba.ops.cpu_math import PARALLEL, SERIAL, sigmoid
 from ssamba.ops.selective_scan import register_conv_backend
 
-__all__ = ["causal_conv1d_cpu", "is_available"]
+__all__ = ["causal_conv1d_cpu", "is_available", "preactivation"]
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -61,7 +61,7 @@ SUM_CHUNK = 64
 
 
 @numba.njit(**SERIAL, inline="always")
-def _preactivation(x_r, w_r, bias_e, p_r):
+def preactivation(x_r, w_r, bias_e, p_r):
     """p_t = bias_e + sum_k w_r[k] x_r[t - (WP-1) + k] (zero before the start) into p_r[:L].
 
     x_r: (L,); w_r: (WP,) left-padded taps; p_r: (>= L,), written. The first WP - 1 outputs, which see the zero
@@ -98,7 +98,7 @@ def _forward_kernel(x, weight, bias, silu, out):
         b = row // ne
         e = row % ne
         o_r = out[b, e]  # (L,)
-        _preactivation(x[b, e], weight[e], bias[e], o_r)
+        preactivation(x[b, e], weight[e], bias[e], o_r)
         if silu:  # a pass of its own: fused into the tap loop it was no faster (the exp dominates)
             for t in range(np.uintp(seqlen)):
                 p = o_r[t]
@@ -126,7 +126,7 @@ def _backward_kernel(x, weight, bias, silu, dout, dx, dweight, dbias):
         gp = np.empty(seqlen + wp - 1, x.dtype)  # (L + WP - 1,) p, then its gradient g, then WP - 1 zeros
         for i in range(wp - 1):
             gp[seqlen + i] = 0
-        _preactivation(x_r, w_r, bias[e], gp)
+        preactivation(x_r, w_r, bias[e], gp)
         # Through u = p sigmoid(p): du/dp = s (1 + p (1 - s)), as torch's silu_backward.
         if silu:
             for t in range(n):

@@ -44,7 +44,7 @@ from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, exp, sigmo
 from ssamba.ops.cpu_math import softplus as softplus_of  # the kernels' `softplus` is their on/off flag
 from ssamba.ops.selective_scan import check_scan_inputs, register_backend
 
-__all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "selective_scan_cpu"]
+__all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "scan_row", "selective_scan_cpu", "state_blocks"]
 
 # One AVX-512 register of float32; N=16 (Mamba-1's d_state) fills it exactly. Literal trip counts of LANES let
 # LLVM turn each per-step loop over the state into straight vector code (a runtime N made it 2.5x slower).
@@ -75,6 +75,41 @@ _W_ROWS = int(_W_CARRY + _K_U + _ONE_U)
 # ----------------------------------------------------------------------------------------------- kernels
 
 
+@numba.njit(**SERIAL, inline="always")
+def scan_row(dt, u_r, a_d, b_bg, c_bg, y_r, last_r, save, ckpt_r):
+    """The recurrence of one (batch, channel) row: y_r[t] = sum_k h_t[k] C_t[k] with h_t = exp(dt_t A) h_(t-1) +
+    dt_t u_t B_t, h_(-1) = 0, and the state after the last step into last_r.
+
+    dt, u_r, y_r: (L,) (y_r written, and must not be u_r); a_d: (NB, LANES); b_bg, c_bg: (NB, L, LANES);
+    last_r: (NB, LANES), written; ckpt_r: (NB, S, LANES), written every CHECKPOINT_EVERY steps when ``save``.
+    State blocks are independent recurrences; the time loop runs inside so that each step is exactly one
+    LANES-wide vector (an inner loop over blocks made the step loop scalar and 8x slower).
+    """
+    seqlen = u_r.shape[0]
+    nblocks = a_d.shape[0]
+    zero = u_r.dtype.type(0)
+    h = np.empty(LANES, u_r.dtype)  # (LANES,) state of one block
+    for blk in range(nblocks):
+        a_r = a_d[blk]  # (LANES,)
+        b_r, c_r = b_bg[blk], c_bg[blk]  # (L, LANES)
+        h[:] = zero
+        for t in range(seqlen):
+            dtt = dt[t]
+            dtu = dtt * u_r[t]
+            acc = zero
+            for k in range(LANES):
+                hk = exp(dtt * a_r[k]) * h[k] + dtu * b_r[t, k]
+                h[k] = hk
+                acc += hk * c_r[t, k]
+            if blk == 0:
+                y_r[t] = acc
+            else:
+                y_r[t] += acc
+            if save and t % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                ckpt_r[blk, t // CHECKPOINT_EVERY] = h
+        last_r[blk] = h
+
+
 @numba.njit(**PARALLEL)
 def _forward_kernel(
     u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias, softplus, has_z, save, out, y_pre, last, ckpt
@@ -86,10 +121,8 @@ def _forward_kernel(
     last: (B, D, NB, LANES); ckpt: (B, D, NB, S, LANES), written only when ``save`` (y_pre likewise, with ``has_z``).
     """
     nb, nd, seqlen = u.shape
-    nblocks = a_blk.shape[1]
     per_gb = nd // b_blk.shape[1]
     per_gc = nd // c_blk.shape[1]
-    zero = u.dtype.type(0)
     for row in prange(nb * nd):
         b = row // nd
         d = row % nd
@@ -104,28 +137,8 @@ def _forward_kernel(
             for t in range(seqlen):
                 dt[t] = delta[b, d, t] + bias
 
-        # State blocks are independent recurrences; the time loop runs inside so that each step is exactly
-        # one LANES-wide vector (an inner loop over blocks made the step loop scalar and 8x slower).
-        h = np.empty(LANES, u.dtype)  # (LANES,) state of one block
-        for blk in range(nblocks):
-            a_r = a_blk[d, blk]  # (LANES,)
-            b_r, c_r = b_blk[b, d // per_gb, blk], c_blk[b, d // per_gc, blk]  # (L, LANES)
-            h[:] = zero
-            for t in range(seqlen):
-                dtt = dt[t]
-                dtu = dtt * u_r[t]
-                acc = zero
-                for k in range(LANES):
-                    hk = exp(dtt * a_r[k]) * h[k] + dtu * b_r[t, k]
-                    h[k] = hk
-                    acc += hk * c_r[t, k]
-                if blk == 0:
-                    out_r[t] = acc
-                else:
-                    out_r[t] += acc
-                if save and t % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
-                    ckpt[b, d, blk, t // CHECKPOINT_EVERY] = h
-            last[b, d, blk] = h
+        b_bg, c_bg = b_blk[b, d // per_gb], c_blk[b, d // per_gc]
+        scan_row(dt, u_r, a_blk[d], b_bg, c_bg, out_r, last[b, d], save, ckpt[b, d])
 
         skip = d_skip[d]
         if has_z:
@@ -351,7 +364,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
             raise ValueError(f"the cpu selective-scan backend needs CPU tensors; {name} is on {t.device}")
 
 
-def _blocked(m: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
+def state_blocks(m: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
     """(B, N, L) or (B, G, N, L) -> (B, G, NB, L, LANES), zero-padded and contiguous (a step's lanes adjacent)."""
     m4 = m.detach() if m.dim() == 4 else m.detach().unsqueeze(1)  # (B, G, N, L)
     nbatch, groups, nstate, seqlen = m4.shape
@@ -361,7 +374,7 @@ def _blocked(m: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
 
 
 def _unblocked(x: Tensor, nstate: int) -> Tensor:
-    """(..., NB, L, LANES) -> (..., N, L), the inverse of :func:`_blocked`'s layout change."""
+    """(..., NB, L, LANES) -> (..., N, L), the inverse of :func:`state_blocks`'s layout change."""
     *lead, nblocks, seqlen, lanes = x.shape
     return x.transpose(-1, -2).reshape(*lead, nblocks * lanes, seqlen)[..., :nstate, :]
 
@@ -381,8 +394,8 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias) -> _Prepared:
         u=cast(u),
         delta=cast(delta),
         a_blk=a_blk.view(nd, nblocks, LANES),
-        b_blk=_blocked(B, dtype, nblocks),
-        c_blk=_blocked(C, dtype, nblocks),
+        b_blk=state_blocks(B, dtype, nblocks),
+        c_blk=state_blocks(C, dtype, nblocks),
         d_skip=zeros if D is None else cast(D),
         z=torch.zeros(1, 1, 1, dtype=dtype) if z is None else cast(z),
         delta_bias=zeros if delta_bias is None else cast(delta_bias),
