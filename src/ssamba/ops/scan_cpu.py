@@ -44,7 +44,8 @@ from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, exp, sigmo
 from ssamba.ops.cpu_math import softplus as softplus_of  # the kernels' `softplus` is their on/off flag
 from ssamba.ops.selective_scan import check_scan_inputs, register_backend
 
-__all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "scan_row", "selective_scan_cpu", "state_blocks"]
+__all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "scan_row", "scan_row_pair", "selective_scan_cpu",
+           "state_blocks"]
 
 # One AVX-512 register of float32; N=16 (Mamba-1's d_state) fills it exactly. Literal trip counts of LANES let
 # LLVM turn each per-step loop over the state into straight vector code (a runtime N made it 2.5x slower).
@@ -108,6 +109,45 @@ def scan_row(dt, u_r, a_d, b_bg, c_bg, y_r, last_r, save, ckpt_r):
             if save and t % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
                 ckpt_r[blk, t // CHECKPOINT_EVERY] = h
         last_r[blk] = h
+
+
+@numba.njit(**SERIAL, inline="always")
+def scan_row_pair(dt0, dt1, u0, u1, a0, a1, b_bg, c_bg, y0, y1):
+    """:func:`scan_row` for two rows that share B and C (two channels of one batch item), without checkpoints or
+    last states (inference). Each step of one row waits for the state's previous step (a multiply-add and the
+    store and reload of the state vector); interleaving two independent rows fills that wait with the other's
+    work: 1.2-1.45x the updates/s of one row at a time (one core of the 2-core AMD EPYC, L = 513). Four rows were
+    no faster than two. The arithmetic of each row is scan_row's, bit for bit.
+
+    dt0, dt1, u0, u1, y0, y1: (L,) (y written, and must not be u); a0, a1: (NB, LANES); b_bg, c_bg: (NB, L, LANES).
+    """
+    seqlen = u0.shape[0]
+    nblocks = a0.shape[0]
+    zero = u0.dtype.type(0)
+    h = np.empty((2, LANES), u0.dtype)  # the two rows' states of one block
+    for blk in range(nblocks):
+        a0_r, a1_r = a0[blk], a1[blk]  # (LANES,)
+        b_r, c_r = b_bg[blk], c_bg[blk]  # (L, LANES)
+        h[:] = zero
+        for t in range(seqlen):
+            d0, d1 = dt0[t], dt1[t]
+            du0, du1 = d0 * u0[t], d1 * u1[t]
+            acc0 = zero
+            acc1 = zero
+            for k in range(LANES):
+                bk, ck = b_r[t, k], c_r[t, k]
+                h0 = exp(d0 * a0_r[k]) * h[0, k] + du0 * bk
+                h1 = exp(d1 * a1_r[k]) * h[1, k] + du1 * bk
+                h[0, k] = h0
+                h[1, k] = h1
+                acc0 += h0 * ck
+                acc1 += h1 * ck
+            if blk == 0:
+                y0[t] = acc0
+                y1[t] = acc1
+            else:
+                y0[t] += acc0
+                y1[t] += acc1
 
 
 @numba.njit(**PARALLEL)
