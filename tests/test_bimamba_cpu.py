@@ -84,3 +84,19 @@ def test_ssamba_model_inference_agrees_with_its_training_path():
     with torch.no_grad():
         fused = model(x, lengths)
     torch.testing.assert_close(fused, model(x, lengths).detach(), **FP32_REORDER)
+
+
+def test_fused_inference_under_bf16_autocast():
+    """Opt-in mixed precision: under torch.autocast(bfloat16) in_proj runs in bf16 and its results come back to the
+    kernels' float32; the unfused path also runs x_proj and dt_proj in bf16. Both round the GEMM outputs to bf16
+    (unit roundoff 2^-9 = 2e-3) a few times over O(1) values, so they agree to about 1e-2, and the fused path's
+    output is bf16, as autocast's GEMMs make it."""
+    m = _mixer(torch.float32)
+    x = torch.randn(2, 30, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert m._fused_inference(x)
+            fused = m(x)
+        want = m(x).detach()
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -90,7 +90,10 @@ DEFAULT_FRAMES = (1024, 2048, 4096, 8192, 16384, 24576, 32768, 45056)
 QUICK_FRAMES = (128, 256)
 QUICK_OVERRIDES = {"depth": 2}
 NUM_CLASSES = 527  # the official script's AudioSet head (label_dim 527)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# --dtype: the weights' and input's dtype; "bf16-autocast" keeps them in float32 and runs the forward under
+# torch.autocast(bfloat16) (GEMMs in bf16, SSAMBA's scan and conv kernels in float32), the opt-in mixed precision
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}
+AUTOCAST = {"bf16-autocast": torch.bfloat16}
 ATTENTION_VARIANTS = ("explicit", "sdpa")
 STATUSES = ("ok", "oom", "error", "skipped")
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -365,8 +368,11 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    autocast = AUTOCAST.get(spec["dtype"])
+
     def forward(x: torch.Tensor) -> None:
-        with torch.set_grad_enabled(spec["train"]), use_backend(spec["backend"] or "auto"):
+        with (torch.set_grad_enabled(spec["train"]), use_backend(spec["backend"] or "auto"),
+              torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)):
             out = model(x)
             if spec["train"]:
                 out.float().sum().backward()

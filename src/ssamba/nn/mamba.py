@@ -259,8 +259,13 @@ class InnerBiMamba(Mamba):
         h_t = hidden_states.transpose(1, 2)  # (B, M, L), a view
         w, bias, e = self.in_proj.weight, self.in_proj.bias, self.d_inner
         xu = hidden_states.new_empty(2, h_t.shape[0], e, h_t.shape[2])  # (2, B, E, L)
-        torch.bmm(w[:e].unsqueeze(0).expand(h_t.shape[0], -1, -1), h_t, out=xu[0])
-        z = _left_mm(w[e:], h_t)  # (B, E, L)
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            # in_proj in autocast's dtype (bf16 GEMMs), its results brought back to the kernels' float32
+            xu[0].copy_(_left_mm(w[:e], h_t))
+            z = _left_mm(w[e:], h_t).to(xu.dtype)
+        else:
+            torch.bmm(w[:e].unsqueeze(0).expand(h_t.shape[0], -1, -1), h_t, out=xu[0])
+            z = _left_mm(w[e:], h_t)  # (B, E, L)
         if bias is not None:
             xu[0].add_(bias[:e, None])
             z.add_(bias[e:, None])

@@ -205,8 +205,9 @@ def bimamba_inner_cpu(
         _conv_kernel(_np(xu[0]), _np(conv_w), _np(conv_b), lengths_np, _np(xu[1]))
 
     x_dbl = torch.empty(2, nb, rank + 2 * nstate, seqlen, dtype=dtype)  # (2, B, R + 2N, L)
-    for k, w in enumerate((fwd, bwd)):
-        torch.bmm(w.x_proj_weight.detach().to(dtype).unsqueeze(0).expand(nb, -1, -1), xu[k], out=x_dbl[k])
+    with torch.autocast(xu.device.type, enabled=False):  # the small x_proj products stay in the kernels' dtype
+        for k, w in enumerate((fwd, bwd)):
+            torch.bmm(w.x_proj_weight.detach().to(dtype).unsqueeze(0).expand(nb, -1, -1), xu[k], out=x_dbl[k])
     with torch.profiler.record_function("ssamba::selective_scan"):
         bc = x_dbl[:, :, rank:].reshape(2 * nb, 2 * nstate, seqlen)
         b_blk = state_blocks(bc[:, :nstate], dtype, nblocks).view(2, nb, nblocks, seqlen, LANES)
