@@ -29,10 +29,7 @@ valid tokens: Mamba scans are causal over valid-part-reversed sequences, attenti
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from ssamba.fields import typed_fields
-from ssamba.models.hub import resolve_model_dir, write_model_card
+from ssamba.models.io import load_pretrained, save_model_folder
+from ssamba.models.registry import register_family, register_model
 from ssamba.nn.attention import ATTENTION_IMPLS, TransformerBlock
 from ssamba.nn.layers import DropPath, lengths_to_mask, reverse_padded
 from ssamba.nn.mamba import InnerBiMamba
@@ -55,16 +53,10 @@ __all__ = [
     "SSASTConfig",
     "SSASTModel",
     "SpectrogramEncoder",
-    "create_model",
-    "list_models",
-    "load_pretrained",
     "pool_tokens",
-    "register_model",
 ]
 
 POOLS = ("avgtok", "cls")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -476,11 +468,19 @@ class SSAMBAModel(SpectrogramEncoder):
                 # residual + hidden again. So the second layer is handed the reversed first sum as its residual
                 # (a block given residual None takes its input as the residual), and the pair's residual is that
                 # sum twice: 3 reversals and 1 addition of (B, K, C) fewer than the loop below, same numbers.
-                # Each (B, K, C) tensor is dropped as soon as it is dead: an inference forward's peak memory is
-                # its live set, and a finished pair's four intermediates would otherwise outlive the next pair.
-                hidden_f, residual_f = first(hidden, residual, lengths)
+                # Each (B, K, C) tensor is dropped as soon as it is dead, since an inference forward's peak memory
+                # is its live set: the first layer's sum (residual + hidden, which drop_path leaves alone here) is
+                # made before its block runs (handed to it as its input, with residual None) so that hidden and
+                # residual die first, and the sum is let go during the second layer and got back afterwards by
+                # reversing its reversal (a permutation: exact).
+                residual_f = hidden if residual is None else residual + hidden
                 del hidden, residual
-                hidden_b = second(reverse_padded(residual_f, lengths), None, lengths)[0]
+                hidden_f = first(residual_f, None, lengths)[0]
+                reversed_f = reverse_padded(residual_f, lengths)
+                del residual_f
+                hidden_b = second(reversed_f, None, lengths)[0]
+                residual_f = reverse_padded(reversed_f, lengths)
+                del reversed_f
                 hidden = hidden_f + reverse_padded(hidden_b, lengths)
                 del hidden_f, hidden_b
                 residual = residual_f + residual_f
@@ -559,100 +559,10 @@ class SSASTModel(SpectrogramEncoder):
         return outputs, self.norm(x)
 
 
-# ---------------------------------------------------------------------------------- loading and registry
+# ------------------------------------------------------------------------------------------------ presets
 
-FAMILIES: dict[str, type[SpectrogramEncoder]] = {"ssamba": SSAMBAModel, "ssast": SSASTModel}
-
-
-def save_model_folder(model: nn.Module, directory: str | Path, card: dict[str, Any] | None = None) -> Path:
-    """The folder every family saves (``save_pretrained``) and ``load_pretrained`` reads: ``config.json``
-    ({"family": model.family, "config": model.config.to_dict()}), ``model.safetensors`` (nothing pickled) and the
-    ``README.md`` model card (``ssamba.models.hub.write_model_card``; ``card``: what the caller knows of its
-    training): a Hugging Face Hub model repo as it stands."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {"family": model.family, "config": model.config.to_dict()}
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "family": model.family})
-    write_model_card(model, directory, card)
-    return directory
-
-
-def register_family(model_cls: type) -> type:
-    """Make ``load_pretrained`` know another model family (a class with ``family``, ``config_class`` with
-    ``from_dict``, and ``load_adapted_state_dict(state, source_config)``), e.g. the HuBERT models."""
-    FAMILIES[model_cls.family] = model_cls
-    return model_cls
-
-
-def load_pretrained(directory: str | Path, expect: type | None = None, **overrides: Any) -> SpectrogramEncoder:
-    """Build the model saved in ``directory`` by ``save_pretrained`` (see ``SpectrogramEncoder.from_pretrained``);
-    any registered family (``register_family``) loads through here."""
-    from safetensors.torch import load_file
-
-    directory = resolve_model_dir(directory)
-    if not (directory / CONFIG_FILE).exists():
-        raise ValueError(f"{directory} is not a saved model folder: {CONFIG_FILE} is missing")
-    meta = json.loads((directory / CONFIG_FILE).read_text())
-    family = meta.get("family")
-    if family not in FAMILIES:
-        raise ValueError(f"{directory / CONFIG_FILE}: unknown model family {family!r}; known: {', '.join(FAMILIES)}")
-    model_cls = FAMILIES[family]
-    if expect is not None and not issubclass(model_cls, expect):
-        raise ValueError(f"{directory} holds a {family} model, not a {expect.__name__}")
-    source = model_cls.config_class.from_dict(meta["config"])
-    model = model_cls(model_cls.config_class.from_dict({**meta["config"], **overrides}))
-    model.load_adapted_state_dict(load_file(str(directory / WEIGHTS_FILE)), source)
-    return model
-
-
-_REGISTRY: dict[str, Callable[..., SpectrogramEncoder]] = {}
-
-
-def register_model(fn: Callable[..., SpectrogramEncoder]) -> Callable[..., SpectrogramEncoder]:
-    """Register a preset function ``name(**overrides) -> model`` under its function name."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
-
-
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(_REGISTRY)
-
-
-def _preset(name: str) -> Callable[..., nn.Module]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _REGISTRY[name]
-
-
-def _model_class(name: str) -> type | None:
-    """The model class a preset returns (its return annotation), or None for a preset registered without it."""
-    return typing.get_type_hints(_preset(name)).get("return")
-
-
-def create_model(name: str, **overrides: Any) -> SpectrogramEncoder:
-    """Build a registered preset; ``overrides`` replace config fields (unknown keys raise ValueError)."""
-    return _preset(name)(**overrides)
-
-
-def model_family(name: str) -> str | None:
-    """The family (``"ssamba"``, ``"ssast"``, ``"hubert"``, ...) of a registered preset, from its model class; None
-    for a preset registered without its model class as return annotation."""
-    return getattr(_model_class(name), "family", None)
-
-
-def check_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """``overrides`` for ``create_model(name, **overrides)``, checked without building the model: the preset
-    exists, every key is a field of its config and every value has that field's type (converted where lossless;
-    a ValueError names the culprit otherwise). Cross-field checks (patch grid, ...) happen when it is built."""
-    config_class = getattr(_model_class(name), "config_class", None)
-    if config_class is None:  # a preset registered without its model class as return annotation
-        return dict(overrides)
-    return typed_fields(config_class, overrides, "model.overrides")
+register_family(SSAMBAModel)
+register_family(SSASTModel)
 
 
 def _ssamba(embed_dim: int, overrides: dict[str, Any]) -> SSAMBAModel:
