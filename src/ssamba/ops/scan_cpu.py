@@ -44,8 +44,7 @@ from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, exp, sigmo
 from ssamba.ops.cpu_math import softplus as softplus_of  # the kernels' `softplus` is their on/off flag
 from ssamba.ops.selective_scan import check_scan_inputs, register_backend
 
-__all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "scan_row", "scan_row_pair", "selective_scan_cpu",
-           "state_blocks"]
+__all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "scan_row_pair", "selective_scan_cpu", "state_blocks"]
 
 # One AVX-512 register of float32; N=16 (Mamba-1's d_state) fills it exactly. Literal trip counts of LANES let
 # LLVM turn each per-step loop over the state into straight vector code (a runtime N made it 2.5x slower).
@@ -77,49 +76,19 @@ _W_ROWS = int(_W_CARRY + _K_U + _ONE_U)
 
 
 @numba.njit(**SERIAL, inline="always")
-def scan_row(dt, u_r, a_d, b_bg, c_bg, y_r, last_r, save, ckpt_r):
-    """The recurrence of one (batch, channel) row: y_r[t] = sum_k h_t[k] C_t[k] with h_t = exp(dt_t A) h_(t-1) +
-    dt_t u_t B_t, h_(-1) = 0, and the state after the last step into last_r.
+def scan_row_pair(dt0, dt1, u0, u1, a0, a1, b_bg, c_bg, y0, y1, last0, last1, save, ckpt0, ckpt1):
+    """The recurrence of two (batch, channel) rows that share B and C (two channels of one batch item, or one row
+    given twice): y[t] = sum_k h_t[k] C_t[k] with h_t = exp(dt_t A) h_(t-1) + dt_t u_t B_t, h_(-1) = 0; the state
+    after the last step into last, and every CHECKPOINT_EVERY steps into ckpt when ``save``.
 
-    dt, u_r, y_r: (L,) (y_r written, and must not be u_r); a_d: (NB, LANES); b_bg, c_bg: (NB, L, LANES);
-    last_r: (NB, LANES), written; ckpt_r: (NB, S, LANES), written every CHECKPOINT_EVERY steps when ``save``.
+    dt0, dt1, u0, u1, y0, y1: (L,) (y0, y1 written: two arrays, neither of them a u); a0, a1: (NB, LANES);
+    b_bg, c_bg: (NB, L, LANES); last0, last1: (NB, LANES); ckpt0, ckpt1: (NB, S, LANES).
     State blocks are independent recurrences; the time loop runs inside so that each step is exactly one
-    LANES-wide vector (an inner loop over blocks made the step loop scalar and 8x slower).
-    """
-    seqlen = u_r.shape[0]
-    nblocks = a_d.shape[0]
-    zero = u_r.dtype.type(0)
-    h = np.empty(LANES, u_r.dtype)  # (LANES,) state of one block
-    for blk in range(nblocks):
-        a_r = a_d[blk]  # (LANES,)
-        b_r, c_r = b_bg[blk], c_bg[blk]  # (L, LANES)
-        h[:] = zero
-        for t in range(seqlen):
-            dtt = dt[t]
-            dtu = dtt * u_r[t]
-            acc = zero
-            for k in range(LANES):
-                hk = exp(dtt * a_r[k]) * h[k] + dtu * b_r[t, k]
-                h[k] = hk
-                acc += hk * c_r[t, k]
-            if blk == 0:
-                y_r[t] = acc
-            else:
-                y_r[t] += acc
-            if save and t % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
-                ckpt_r[blk, t // CHECKPOINT_EVERY] = h
-        last_r[blk] = h
-
-
-@numba.njit(**SERIAL, inline="always")
-def scan_row_pair(dt0, dt1, u0, u1, a0, a1, b_bg, c_bg, y0, y1):
-    """:func:`scan_row` for two rows that share B and C (two channels of one batch item), without checkpoints or
-    last states (inference). Each step of one row waits for the state's previous step (a multiply-add and the
-    store and reload of the state vector); interleaving two independent rows fills that wait with the other's
-    work: 1.2-1.45x the updates/s of one row at a time (one core of the 2-core AMD EPYC, L = 513). Four rows were
-    no faster than two. The arithmetic of each row is scan_row's, bit for bit.
-
-    dt0, dt1, u0, u1, y0, y1: (L,) (y written, and must not be u); a0, a1: (NB, LANES); b_bg, c_bg: (NB, L, LANES).
+    LANES-wide vector per row (an inner loop over blocks made the step loop scalar and 8x slower). Two rows at once:
+    each step of a row waits for its previous state (a multiply-add, and the store and reload of the state
+    vector), and the other row's independent work fills that wait: 1.2-1.45x the updates/s of one row at a time
+    (one core of the 2-core AMD EPYC, L = 513); four rows were no faster than two. Each row's arithmetic is the
+    same whether it is paired or not.
     """
     seqlen = u0.shape[0]
     nblocks = a0.shape[0]
@@ -148,13 +117,46 @@ def scan_row_pair(dt0, dt1, u0, u1, a0, a1, b_bg, c_bg, y0, y1):
             else:
                 y0[t] += acc0
                 y1[t] += acc1
+            if save and t % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                ckpt0[blk, t // CHECKPOINT_EVERY] = h[0]
+                ckpt1[blk, t // CHECKPOINT_EVERY] = h[1]
+        last0[blk] = h[0]
+        last1[blk] = h[1]
+
+
+@numba.njit(**SERIAL, inline="always")
+def _discretisation_step(delta_r, bias, softplus, dt):
+    """dt[t] = softplus(delta_r[t] + bias) (or without softplus), one vectorised pass."""
+    if softplus:
+        for t in range(dt.shape[0]):
+            dt[t] = softplus_of(delta_r[t] + bias)
+    else:
+        for t in range(dt.shape[0]):
+            dt[t] = delta_r[t] + bias
+
+
+@numba.njit(**SERIAL, inline="always")
+def _skip_and_gate(u_r, z_r, skip, has_z, save, out_r, y_r):
+    """out = (out + D u) [* silu(z)], keeping the pre-gate value in y_r when ``save`` (the backward's input)."""
+    seqlen = u_r.shape[0]
+    if has_z:
+        if save:
+            for t in range(seqlen):
+                y_r[t] = out_r[t] + skip * u_r[t]
+        for t in range(seqlen):
+            zt = z_r[t]
+            out_r[t] = (out_r[t] + skip * u_r[t]) * (zt * sigmoid(zt))
+    else:
+        for t in range(seqlen):
+            out_r[t] += skip * u_r[t]
 
 
 @numba.njit(**PARALLEL)
 def _forward_kernel(
     u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias, softplus, has_z, save, out, y_pre, last, ckpt
 ):
-    """One pass over every (batch, channel) row: discretise, scan, read out, skip and gate.
+    """One pass over every (batch, channel) row: discretise, scan, read out, skip and gate; two channels of one
+    batch item per iteration (see scan_row_pair).
 
     u, delta, out: (B, D, L); z, y_pre: (B, D, L), or (1, 1, 1) placeholders when unused; a_blk: (D, NB, LANES);
     b_blk: (B, Gb, NB, L, LANES); c_blk: (B, Gc, NB, L, LANES); d_skip, delta_bias: (D,);
@@ -163,36 +165,45 @@ def _forward_kernel(
     nb, nd, seqlen = u.shape
     per_gb = nd // b_blk.shape[1]
     per_gc = nd // c_blk.shape[1]
-    for row in prange(nb * nd):
-        b = row // nd
-        d = row % nd
-        u_r, out_r = u[b, d], out[b, d]  # (L,)
-
-        dt = np.empty(seqlen, u.dtype)  # (L,) discretisation step, computed once per row in a vector pass
-        bias = delta_bias[d]
-        if softplus:
-            for t in range(seqlen):
-                dt[t] = softplus_of(delta[b, d, t] + bias)
+    npairs = (nd + 1) // 2
+    for item in prange(nb * npairs):
+        b = item // npairs
+        d0 = 2 * (item % npairs)
+        d1 = d0 + 1
+        if d1 < nd and (d0 // per_gb != d1 // per_gb or d0 // per_gc != d1 // per_gc):
+            pairs = ((d0, d0), (d1, d1))  # B or C differ: each row paired with itself
         else:
-            for t in range(seqlen):
-                dt[t] = delta[b, d, t] + bias
+            pairs = ((d0, min(d1, nd - 1)), (-1, -1))  # odd D: the last row with itself
+        for d_a, d_b in pairs:
+            if d_a >= 0:
+                _forward_rows(b, d_a, d_b, per_gb, per_gc, u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias,
+                              softplus, has_z, save, out, y_pre, last, ckpt)  # fmt: skip
 
-        b_bg, c_bg = b_blk[b, d // per_gb], c_blk[b, d // per_gc]
-        scan_row(dt, u_r, a_blk[d], b_bg, c_bg, out_r, last[b, d], save, ckpt[b, d])
 
-        skip = d_skip[d]
-        if has_z:
-            z_r = z[b, d]
-            if save:
-                y_r = y_pre[b, d]
-                for t in range(seqlen):
-                    y_r[t] = out_r[t] + skip * u_r[t]
-            for t in range(seqlen):
-                zt = z_r[t]
-                out_r[t] = (out_r[t] + skip * u_r[t]) * (zt * sigmoid(zt))
-        else:
-            for t in range(seqlen):
-                out_r[t] += skip * u_r[t]
+@numba.njit(**SERIAL, inline="always")
+def _forward_rows(
+    b, d0, d1, per_gb, per_gc, u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias, softplus, has_z, save, out,
+    y_pre, last, ckpt,
+):  # fmt: skip
+    """Rows (b, d0) and (b, d1) of :func:`_forward_kernel` (d1 == d0: one row, computed twice)."""
+    seqlen = u.shape[2]
+    dt0 = np.empty(seqlen, u.dtype)  # (L,) discretisation steps, computed once per row in a vector pass
+    dt1 = np.empty(seqlen, u.dtype)
+    _discretisation_step(delta[b, d0], delta_bias[d0], softplus, dt0)
+    _discretisation_step(delta[b, d1], delta_bias[d1], softplus, dt1)
+    # a row paired with itself reads out into a scratch copy: the readout adds up over state blocks, so the same
+    # array as both outputs would count every block after the first twice
+    y1 = out[b, d1] if d1 != d0 else np.empty(seqlen, u.dtype)
+    scan_row_pair(
+        dt0, dt1, u[b, d0], u[b, d1], a_blk[d0], a_blk[d1], b_blk[b, d0 // per_gb], c_blk[b, d0 // per_gc],
+        out[b, d0], y1, last[b, d0], last[b, d1], save, ckpt[b, d0], ckpt[b, d1],
+    )  # fmt: skip
+    # z and y_pre are (1, 1, 1) placeholders unless has_z (and save, for y_pre); their rows are then not read
+    _skip_and_gate(u[b, d0], z[b, d0] if has_z else z[0, 0], d_skip[d0], has_z, save, out[b, d0],
+                   y_pre[b, d0] if has_z and save else y_pre[0, 0])  # fmt: skip
+    if d1 != d0:
+        _skip_and_gate(u[b, d1], z[b, d1] if has_z else z[0, 0], d_skip[d1], has_z, save, out[b, d1],
+                       y_pre[b, d1] if has_z and save else y_pre[0, 0])  # fmt: skip
 
 
 @numba.njit(**PARALLEL)
