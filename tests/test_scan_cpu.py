@@ -33,6 +33,8 @@ CASES = [
     pytest.param(1, 4, 50, 5, 0, False, True, False, True, id="N5"),
     pytest.param(3, 4, 300, 20, 4, True, True, False, False, id="N20-grouped"),
     pytest.param(1, 5, 256, 16, 1, False, False, True, False, id="G1-L256"),
+    # groups of 3 channels: the kernels pair channels 2 and 3 with themselves (their B, C differ), N > 16
+    pytest.param(2, 6, 140, 20, 2, True, True, True, True, id="groups-of-3"),
 ]
 
 
