@@ -124,9 +124,9 @@ def test_bad_set_value_exits_2_with_one_line(command, run_set, bench_set, words,
 
 
 def test_set_values_are_parsed_to_the_field_type():
+    from ssamba.tasks.ctc import CTCConfig
     from ssamba.tasks.recipes import task_recipe
     from ssamba.train.config import PretrainConfig, apply_overrides
-    from ssamba.train.hubert import CTCConfig
 
     cfg = task_recipe("kws", "ssamba_tiny")
     apply_overrides(cfg, ['model.overrides={"depth":2}', "model.overrides.pool=cls", "optim.lr=1",

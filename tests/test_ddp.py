@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (gloo) give the same losses as one process with the same global batch."""
 
+import json
 import math
 import re
 import subprocess
@@ -91,3 +92,28 @@ def test_collectives_return_after_gloo_let_go_of_their_tensors(tmp_path):
     done = subprocess.run(two, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.findall(r"held (\d+)", done.stdout) == ["0", "0"], done.stdout
+
+
+def test_finetune_two_processes_match_one(tmp_path):
+    """Fine-tuning through the engine: 2 torchrun processes == 1 process with the same global batch (no
+    augmentation: its draws are per process), and the best model is written once, by rank 0."""
+    from tests.test_finetune import cli_args, make_task
+
+    train, valid, labels = make_task(tmp_path)
+    args = ["-m", "ssamba", *cli_args(train, valid, labels, "RUN", "--test", str(valid), "--steps", "4",
+                                      "--set", "augment.freqm=0", "--set", "augment.timem=0",
+                                      "--set", "augment.noise=false", "--set", "log.eval_every=2")]  # fmt: skip
+    one = [sys.executable, *[tmp_path / "one" if a == "RUN" else a for a in args]]
+    done = subprocess.run(one, env=_env(), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *[tmp_path / "two" if a == "RUN" else a for a in args]]  # fmt: skip
+    done = subprocess.run(two, env=_env(), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 2, 3, 4, 4]
+    for x, y in zip(a, b, strict=True):
+        for key in {"loss", "acc", "mAP"} & set(x):
+            assert x[key] == pytest.approx(y[key], abs=2e-6, rel=1e-6), (x["step"], key)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["test"] == pytest.approx(
+        json.loads((tmp_path / "one" / "metrics.json").read_text())["test"])

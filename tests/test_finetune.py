@@ -323,3 +323,17 @@ def test_an_empty_wav_in_the_test_split_stops_before_training(task, tmp_path, ca
     out = capsys.readouterr().out
     assert "data check: train 0 of 16 unusable, valid 0 of 8 unusable, test 1 of 9 unusable (left out)" in out
     assert json.loads((run / "metrics.json").read_text())["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("mode", ["finetune", "probe"])
+def test_bf16_finetune_runs(task, tmp_path, mode):
+    """train.precision = bf16: autocast through the engine (on CPU here), losses finite, the usual outputs."""
+    train, valid, labels = task
+    cfg = tiny_cfg(train, valid, labels, mode=mode, steps=3, log={"log_every": 1})
+    cfg.train.precision = "bf16"
+    out = finetune(cfg, tmp_path / "run", log=lambda m: None)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "split" not in json.loads(line)]  # fmt: skip
+    assert len(losses) == 3 and all(np.isfinite(losses)) and out["skipped_steps"] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["precision"] == "bf16"
+    assert (tmp_path / "run" / "best" / "finetune.json").exists() and np.isfinite(out["valid"])

@@ -14,6 +14,7 @@ import torch
 from ssamba.cli import main
 from ssamba.features import num_frames
 from ssamba.models import load_pretrained
+from ssamba.models.heads import load_head
 from ssamba.pretrain.kmeans import (
     LabelError,
     MiniBatchKMeans,
@@ -22,16 +23,10 @@ from ssamba.pretrain.kmeans import (
     read_label_file,
     read_labels_for,
 )
-from ssamba.tasks.ctc import CharVocab, edit_distance, error_rates, greedy_decode, load_head
+from ssamba.tasks.ctc import CharVocab, CTCConfig, edit_distance, error_rates, finetune_ctc, greedy_decode
+from ssamba.tasks.reconstruct import ReconstructConfig, reconstruct
 from ssamba.train.config import apply_overrides
-from ssamba.train.hubert import (
-    CTCConfig,
-    HuBERTPretrainConfig,
-    ReconstructConfig,
-    finetune_ctc,
-    pretrain_hubert,
-    reconstruct,
-)
+from ssamba.train.hubert import HuBERTPretrainConfig, pretrain_hubert
 from tests.conftest import assert_stopped_by_divergence, one_error_line
 
 WORDS = {"ab": (300, 900), "ba": (900, 300), "aab": (300, 600)}

@@ -9,9 +9,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ssamba"
 # lower layers never import higher ones (README "Architecture")
 LAYERS = {"audio": 0, "features": 0, "fields": 0, "ops": 1, "nn": 2, "models": 3, "data": 4, "pretrain": 4,
           "train": 5, "tasks": 6, "analysis": 6, "bench": 6, "convert": 6, "hear": 6, "demo": 7, "cli": 8}
-# the known exceptions, each with what ends it (issue 16: one engine; the demo calling library functions)
-KNOWN = {("ssamba.demo", "ssamba.cli"): "the demo runs its stages as CLI commands",
-         ("ssamba.train.hubert", "ssamba.tasks.ctc"): "CTC fine-tuning still lives in train/hubert.py"}
+# the known exceptions, each with what ends it (none left since issue 16)
+KNOWN: dict = {}
 
 
 def _imports():
@@ -50,3 +49,27 @@ def test_no_module_imports_another_modules_private_name():
     private = {(module, imported, name) for module, imported, names in _imports() for name in names
                if name.startswith("_") and imported != module}  # fmt: skip
     assert not private, sorted(private)
+
+
+def test_no_import_cycle():
+    """No module imports one that imports it back, directly or through others (function-level imports too;
+    packages' ``__init__`` re-exports are left out: importing a submodule runs its package first by design)."""
+    modules = {".".join(p.relative_to(SRC.parent).with_suffix("").parts) for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, imported, names in _imports():
+        targets = {f"{imported}.{n}" for n in names if f"{imported}.{n}" in modules} or {imported}
+        graph.setdefault(module, set()).update(t for t in targets if t in modules and t != module)
+    packages = {m for m in modules if m.endswith("__init__")} | {m.rsplit(".", 1)[0] for m in modules}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(module):], module]))
+        if module in done or module in packages:
+            return
+        for nxt in sorted(graph.get(module, ())):
+            visit(nxt, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])

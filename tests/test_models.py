@@ -118,6 +118,18 @@ def test_sdpa_matches_explicit_attention():
         torch.testing.assert_close(out_s[rows], out_e[rows], **FP32_REORDER)
 
 
+@pytest.mark.parametrize("name", SPECTROGRAM_MODELS)
+def test_every_spectrogram_preset_round_trips(name, tmp_path):
+    """Every registered SSAMBA / SSAST preset saves and loads back through ``load_pretrained`` alone (the family is
+    read from config.json), at its own width (two layers keep it quick)."""
+    model = create_model(name, depth=2, input_tdim=48).eval()
+    loaded = load_pretrained(model.save_pretrained(tmp_path / name)).eval()
+    assert type(loaded) is type(model) and loaded.config == model.config
+    x = torch.randn(1, 48, 128)
+    with torch.no_grad():  # exact by construction: the same weights, input and kernels on this machine
+        torch.testing.assert_close(loaded.extract_features(x)[0][-1], model.extract_features(x)[0][-1], rtol=0, atol=0)
+
+
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(0)
     for name in ("ssamba_tiny", "ssast_tiny"):

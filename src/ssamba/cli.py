@@ -180,6 +180,20 @@ def _demo(args) -> int:
     return 0
 
 
+def _stopped(result: dict) -> int:
+    """A training run stopped by SIGINT / SIGTERM (the engine saved a checkpoint): say so, exit 130 / 143."""
+    print(f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved, continue with --resume")
+    return 130 if result["interrupted"] == "SIGINT" else 143
+
+
+def _run_options(parser, example: str) -> None:
+    """The flags every training command shares (the one config system; the engine's resume)."""
+    parser.add_argument("--config", type=Path, default=None, help="TOML or YAML file (or a run's config.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one config key, e.g. {example}")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+
+
 def _pretrain(args) -> int:
     from ssamba.train.config import apply_overrides, load_config, recipe
     from ssamba.train.loop import pretrain
@@ -202,9 +216,8 @@ def _pretrain(args) -> int:
         print(f"ssamba pretrain: error: {e}", file=sys.stderr)
         return 2
     result = pretrain(cfg, args.out, resume=args.resume)
-    if result["interrupted"]:
-        print(f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved, continue with --resume")
-        return 130 if result["interrupted"] == "SIGINT" else 143
+    if result.get("interrupted"):
+        return _stopped(result)
     if result["final"]:
         print(f"pretrained model (encoder + MSPM heads): {result['final']}")
     return 0
@@ -246,14 +259,16 @@ def _hubert_config(cls, args):
 
 
 def _hubert_run(args) -> int:
-    from ssamba.train import hubert as H
+    from ssamba.tasks.ctc import CTCConfig, finetune_ctc
+    from ssamba.tasks.reconstruct import ReconstructConfig, reconstruct
+    from ssamba.train.hubert import HuBERTPretrainConfig, pretrain_hubert
 
     try:
         if args.hubert_command == "pretrain":
-            cfg = _hubert_config(H.HuBERTPretrainConfig, args)
+            cfg = _hubert_config(HuBERTPretrainConfig, args)
             cfg.data.labels = str(args.labels)
         else:
-            cfg = _hubert_config(H.CTCConfig if args.hubert_command == "finetune" else H.ReconstructConfig, args)
+            cfg = _hubert_config(CTCConfig if args.hubert_command == "finetune" else ReconstructConfig, args)
             cfg.finetune.init = str(args.init)
             cfg.test = str(args.test or "")
             if args.layer is not None:
@@ -266,11 +281,10 @@ def _hubert_run(args) -> int:
     except ValueError as e:
         print(f"ssamba hubert {args.hubert_command}: error: {e}", file=sys.stderr)
         return 2
-    fn = {"pretrain": H.pretrain_hubert, "finetune": H.finetune_ctc, "reconstruct": H.reconstruct}[args.hubert_command]
+    fn = {"pretrain": pretrain_hubert, "finetune": finetune_ctc, "reconstruct": reconstruct}[args.hubert_command]
     result = fn(cfg, args.out, resume=args.resume)
-    if result["interrupted"]:
-        print(f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved, continue with --resume")
-        return 130 if result["interrupted"] == "SIGINT" else 143
+    if result.get("interrupted"):
+        return _stopped(result)
     if args.hubert_command == "pretrain":
         print(f"pretrained model: {result.get('final')}  last validation: {json.dumps(result['valid'])}")
     else:
@@ -308,8 +322,9 @@ def _finetune(args) -> int:
         print(f"ssamba finetune: error: {e}", file=sys.stderr)
         return 2
     if result.get("interrupted"):
-        print(f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved, continue with --resume")
-        return 130 if result["interrupted"] == "SIGINT" else 143
+        return _stopped(result)
+    if "task" not in result:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     test = "n/a" if result["test"] is None else f"{result['test']:.4f}"
     print(f"{result['task']} {result['mode']}: valid {result['metric']} {result['valid']:.4f}, test {test}; "
           f"{Path(args.out) / 'metrics.json'}")
@@ -485,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="input frames, e.g. 1024,2048 or 1024:45056:512 (the official grid); default 1024..45056")
     bm.add_argument("--batch", type=int, default=2)
     bm.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    bm.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    bm.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "bf16-autocast"],
+                    help="bf16: weights and activations in bf16; bf16-autocast: float32 weights, bf16 GEMMs")
     bm.add_argument("--repeats", type=int, default=None, help="timed forwards per size (default 5)")
     bm.add_argument("--budget", type=float, default=None,
                     help="seconds of timed forwards per size before the repeats stop early (default 60)")
@@ -517,10 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", type=Path, required=True, help="run folder: config.json, checkpoints/, metrics.jsonl")
     pre.add_argument("--steps", type=int, default=None, help="optimizer steps (train.steps)")
     pre.add_argument("--batch-size", type=int, default=None, help="global batch per step (train.batch_size)")
-    pre.add_argument("--config", type=Path, default=None, help="TOML or YAML file (or a run's config.json)")
-    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one config key, e.g. --set optim.lr=3e-4 --set model.overrides.depth=4")
-    pre.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    _run_options(pre, "--set optim.lr=3e-4 --set model.overrides.depth=4")
     pre.set_defaults(func=_pretrain)
 
     data = commands.add_parser("data", help="datasets: the demo corpus, normalisation statistics")
@@ -583,10 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--size", default=None, help="preset: base, small (default), tiny")
         sub.add_argument("--steps", type=int, default=None)
         sub.add_argument("--batch-size", type=int, default=None)
-        sub.add_argument("--config", type=Path, default=None, help="TOML or YAML (or a run's config.json)")
-        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config key, e.g. --set optim.lr=1e-3 --set model.overrides.depth=2")
-        sub.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        _run_options(sub, "--set optim.lr=1e-3 --set model.overrides.depth=2")
         if name == "pretrain":
             sub.add_argument("--labels", type=Path, required=True, help="label folder from `ssamba hubert labels`")
         else:
@@ -616,10 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--epochs", type=int, default=None)
     ft.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     ft.add_argument("--batch-size", type=int, default=None)
-    ft.add_argument("--config", type=Path, default=None, help="TOML or YAML file (or a run's config.json)")
-    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one config key, e.g. --set optim.lr=1e-4 --set augment.mixup=0")
-    ft.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    _run_options(ft, "--set optim.lr=1e-4 --set augment.mixup=0")
     ft.set_defaults(func=_finetune)
 
     ev = commands.add_parser("evaluate", help="score a fine-tuned model (RUN2 or RUN2/best) on a manifest")

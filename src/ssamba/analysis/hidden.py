@@ -91,7 +91,7 @@ class CTCStack(torch.nn.Module):
         feats, frame_lengths = head.encoder.cnn_features(waveforms, lengths)
         layers, final = head.encoder.encode(feats, frame_lengths, None, num_layers=head.layer)
         if head.downstream is not None:
-            # what the head reads: the chosen layer, or the normalised last one (CTCHead / _select_layer)
+            # what the head reads: the chosen layer, or the normalised last one (CTCHead / select_layer)
             h = head.down_proj(final if head.layer is None else layers[-1])
             for block in head.downstream:
                 h = block(h, frame_lengths)
@@ -100,13 +100,13 @@ class CTCStack(torch.nn.Module):
 
 
 def _load_ctc_run(run: Path) -> tuple[CTCStack, Path]:
-    from ssamba.tasks.ctc import load_head
+    from ssamba.models.heads import load_head
 
     return CTCStack(load_head(run / "best")), run / "best"
 
 
 def _is_ctc_run(path: Path) -> bool:
-    from ssamba.tasks.ctc import HEAD_CONFIG
+    from ssamba.models.heads import HEAD_CONFIG
 
     return (path / "best" / HEAD_CONFIG).exists()
 
@@ -115,7 +115,8 @@ def load_model(spec: str, *, seed: int = 0):
     """Model from a spec: a checkpoint path (see :func:`resolve_checkpoint`), a HuBERT CTC fine-tuning run
     (:class:`CTCStack`: encoder + Conformer downstream), or ``random:PATH`` for the same architecture freshly
     initialised (seeded; the untrained baseline). Returns (model in eval mode, folder of the weights)."""
-    from ssamba.models.spectrogram import FAMILIES, load_pretrained
+    from ssamba.models.io import load_pretrained
+    from ssamba.models.registry import FAMILIES
 
     random_init = spec.startswith("random:")
     path = Path(spec[len("random:"):] if random_init else spec)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ssamba.pretrain.kmeans import MiniBatchKMeans, sq_dist
+
 __all__ = [
     "MineResult",
     "cca",
@@ -234,52 +236,17 @@ def seed_summary(values: list[float]) -> dict:
 # ------------------------------------------------------------------------------------------------ k-means
 
 
-def _sq_dist(a: Tensor, c: Tensor) -> Tensor:
-    """(N, D), (K, D) -> (N, K) squared Euclidean distances."""
-    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ c.T + c.pow(2).sum(1)[None]).clamp_min(0)
-
-
-def kmeans(
-    x: Tensor, k: int, *, seed: int = 0, batch_size: int = 1024, iters: int = 100, init_size: int = 4096
-) -> Tensor:
-    """Mini-batch k-means (Sculley 2010) with k-means++ initialisation: (N, D) -> centres (K, D).
-
-    Each iteration assigns a random mini-batch to its nearest centres and moves every centre towards its
-    points with a per-centre rate 1 / (points seen). Deterministic given ``seed``.
-    """
+def kmeans(x: Tensor, k: int, *, seed: int = 0, batch_size: int = 1024, iters: int = 100,
+           init_size: int = 4096) -> Tensor:
+    """Centres (K, D) of (N, D) frames: the package's mini-batch k-means (``ssamba.pretrain.kmeans``, k-means++
+    initialisation on ``init_size`` frames) for ``iters`` mini-batches of ``batch_size``. Deterministic given
+    ``seed``."""
     x = torch.as_tensor(x).detach().float()
     if x.dim() != 2:
         raise ValueError(f"kmeans needs (frames, dim) data, got shape {tuple(x.shape)}")
-    n = x.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be between 1 and the number of frames ({n}), got {k}")
-    g = torch.Generator().manual_seed(seed)
-    # k-means++ on a subsample: each next centre drawn with probability ∝ squared distance to the nearest one
-    sample = x[torch.randperm(n, generator=g)[: max(init_size, k)]]
-    centres = [sample[torch.randint(sample.shape[0], (1,), generator=g)]]
-    nearest = _sq_dist(sample, centres[0]).squeeze(1)
-    for _ in range(1, k):
-        total = nearest.sum()
-        if float(total) <= 0:  # fewer distinct points than k: reuse random points
-            idx = torch.randint(sample.shape[0], (1,), generator=g)
-        else:
-            idx = torch.multinomial(nearest / total, 1, generator=g)
-        centres.append(sample[idx])
-        nearest = torch.minimum(nearest, _sq_dist(sample, centres[-1]).squeeze(1))
-    c = torch.cat(centres)  # (K, D)
-    counts = torch.zeros(k)
-    batch = min(batch_size, n)
-    for _ in range(iters):
-        rows = x[torch.randint(n, (batch,), generator=g)] if batch < n else x
-        assign = _sq_dist(rows, c).argmin(1)  # (B,)
-        sums = torch.zeros_like(c).index_add_(0, assign, rows)
-        hits = torch.bincount(assign, minlength=k).float()
-        counts += hits
-        seen = hits > 0
-        # c <- c + (hits / counts) * (mean of new points - c): Sculley's per-sample rate, applied per batch
-        rate = torch.where(seen, hits / counts.clamp_min(1), torch.zeros_like(hits))[:, None]
-        c = torch.where(seen[:, None], c + rate * (sums / hits.clamp_min(1)[:, None] - c), c)
-    return c
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"k must be between 1 and the number of frames ({x.shape[0]}), got {k}")
+    return MiniBatchKMeans(k, batch_size, iters, max(init_size, k), seed, tol=0.0).fit(x).centroids
 
 
 def _entropy(counts: Tensor) -> float:
@@ -325,7 +292,7 @@ def discrete_mi(
         fit_idx, eval_idx = split_indices(t.shape[0], held_out, seed, groups)
     t_fit, t_eval = _standardise(t[fit_idx], t[eval_idx])
     centres = kmeans(t_fit, min(k, t_fit.shape[0]), seed=seed, batch_size=batch_size, iters=iters)
-    clusters = _sq_dist(t_eval, centres).argmin(1)
+    clusters = sq_dist(t_eval, centres).argmin(1)
     y = labels[eval_idx]
     h_y = _entropy(torch.bincount(y))
     if h_y <= 0:

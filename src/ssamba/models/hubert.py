@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.fields import typed_fields
+from ssamba.models.io import load_pretrained, save_model_folder
+from ssamba.models.registry import register_family, register_model
 from ssamba.nn.attention import Mlp, TransformerBlock
 from ssamba.nn.conformer import ConformerBlock
 from ssamba.nn.layers import lengths_to_mask
@@ -344,14 +346,10 @@ class HuBERTModel(nn.Module):
     # -- checkpoints
     def save_pretrained(self, directory: str | Path, card: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` ({"family": "hubert", "config"}), ``model.safetensors`` and the model card."""
-        from ssamba.models.spectrogram import save_model_folder
-
         return save_model_folder(self, directory, card)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> HuBERTModel:
-        from ssamba.models.spectrogram import load_pretrained
-
         return load_pretrained(directory, expect=cls, **overrides)
 
     def load_adapted_state_dict(self, state: dict[str, Tensor], source: HuBERTConfig) -> None:
@@ -395,13 +393,7 @@ def _preset(encoder: str, size: str):
     return preset
 
 
-def _register() -> None:
-    from ssamba.models.spectrogram import register_family, register_model
-
-    register_family(HuBERTModel)
-    for encoder in ENCODERS:
-        for size in hubert_presets():
-            register_model(_preset(encoder, size))
-
-
-_register()
+register_family(HuBERTModel)
+for _encoder in ENCODERS:
+    for _size in hubert_presets():
+        register_model(_preset(_encoder, _size))

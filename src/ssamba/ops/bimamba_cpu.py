@@ -120,6 +120,7 @@ def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip):
     a_blk: (2, E, NB, LANES); b_blk, c_blk: (2, B, NB, L, LANES).
     """
     _, nb, ne, seqlen = u.shape
+    nblocks = a_blk.shape[2]
     npairs = (ne + 1) // 2
     for item in prange(2 * nb * npairs):
         k = item // (nb * npairs)
@@ -130,10 +131,13 @@ def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip):
         dt1 = np.empty(seqlen, u.dtype)
         y0 = np.empty(seqlen, u.dtype)  # (L,) the scan's readouts
         y1 = np.empty(seqlen, u.dtype)
+        last = np.empty((nblocks, LANES), u.dtype)  # the states after the row: not kept (inference)
+        no_ckpt = np.empty((nblocks, 1, LANES), u.dtype)  # checkpoints: not written (save=False)
         _delta_row(x_dbl[k, b], dt_weight[k, e0], dt_bias[k, e0], dt0)
         _delta_row(x_dbl[k, b], dt_weight[k, e1], dt_bias[k, e1], dt1)
         u0, u1 = u[k, b, e0], u[k, b, e1]  # (L,)
-        scan_row_pair(dt0, dt1, u0, u1, a_blk[k, e0], a_blk[k, e1], b_blk[k, b], c_blk[k, b], y0, y1)
+        scan_row_pair(dt0, dt1, u0, u1, a_blk[k, e0], a_blk[k, e1], b_blk[k, b], c_blk[k, b], y0, y1, last, last,
+                      False, no_ckpt, no_ckpt)  # fmt: skip
         _skip_row(u0, y0, d_skip[k, e0])
         if e1 != e0:
             _skip_row(u1, y1, d_skip[k, e1])

@@ -48,38 +48,41 @@ class LabelError(ValueError):
 # ------------------------------------------------------------------------------------------------ k-means
 
 
+def sq_dist(x: Tensor, c: Tensor) -> Tensor:
+    """(N, D), (K, D) -> (N, K) squared Euclidean distances."""
+    return (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.t() + c.pow(2).sum(1)[None, :]).clamp(min=0)
+
+
 class MiniBatchKMeans:
     """Mini-batch k-means (Sculley 2010, "Web-scale k-means clustering"; what fairseq's HuBERT recipe uses
     via scikit-learn): k-means++ initialisation on a sample, then per mini-batch assign each point to its
-    nearest centroid and move the centroid towards it with rate 1 / (points seen by that centroid)."""
+    nearest centroid and move the centroid towards it with rate 1 / (points seen by that centroid).
+    The one k-means of the package: HuBERT's targets (``make_labels``) and the clustering MI estimator
+    (``ssamba.analysis.mi.discrete_mi``, with ``tol = 0``: a fixed number of iterations). Deterministic given
+    ``seed``."""
 
     def __init__(self, k: int, batch_size: int = 10000, max_iter: int = 100, init_size: int | None = None,
                  seed: int = 0, tol: float = 1e-4):
-        if k < 2:
-            raise ValueError(f"k must be >= 2, got {k}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         self.k, self.batch_size, self.max_iter = k, batch_size, max_iter
         self.init_size = init_size or max(3 * k, min(batch_size, 20000))
         self.seed, self.tol = seed, tol
         self.centroids: Tensor | None = None  # (K, D)
         self.inertia: float | None = None
 
-    @staticmethod
-    def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
-        """(N, D), (K, D) -> (N, K) squared Euclidean distances."""
-        return (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.t() + c.pow(2).sum(1)[None, :]).clamp(min=0)
-
     def _init_pp(self, x: Tensor, gen: torch.Generator) -> Tensor:
         """k-means++ (Arthur & Vassilvitskii 2007): each next centroid drawn with probability ~ D(x)^2."""
         first = int(torch.randint(x.shape[0], (1,), generator=gen))
         centroids = [x[first]]
-        d2 = self._sq_dist(x, x[first : first + 1]).squeeze(1)  # (N,)
+        d2 = sq_dist(x, x[first : first + 1]).squeeze(1)  # (N,)
         for _ in range(1, self.k):
             if float(d2.sum()) <= 0:  # fewer distinct points than k: repeat one (gets no points, stays put)
                 idx = int(torch.randint(x.shape[0], (1,), generator=gen))
             else:
                 idx = int(torch.multinomial(d2, 1, generator=gen))
             centroids.append(x[idx])
-            d2 = torch.minimum(d2, self._sq_dist(x, x[idx : idx + 1]).squeeze(1))
+            d2 = torch.minimum(d2, sq_dist(x, x[idx : idx + 1]).squeeze(1))
         return torch.stack(centroids)
 
     def fit(self, x: Tensor) -> MiniBatchKMeans:
@@ -94,7 +97,7 @@ class MiniBatchKMeans:
         previous = math.inf
         for _ in range(self.max_iter):
             batch = x[torch.randint(x.shape[0], (min(self.batch_size, x.shape[0]),), generator=gen)]
-            assign = self._sq_dist(batch, c).argmin(1)  # (b,)
+            assign = sq_dist(batch, c).argmin(1)  # (b,)
             # per-centroid update with learning rate 1/count, done in closed form for the batch:
             # c <- (count * c + sum of new points) / (count + n_new)
             sums = torch.zeros_like(c).index_add_(0, assign, batch)
@@ -103,8 +106,10 @@ class MiniBatchKMeans:
             moved = n_new > 0
             c[moved] = (c[moved] * counts[moved, None] + sums[moved]) / counts_new[moved, None]
             counts = counts_new
+            if self.tol <= 0:
+                continue
             # early stop on the smoothed batch inertia, like scikit-learn's ewa_inertia criterion
-            inertia = float(self._sq_dist(batch, c).min(1).values.mean())
+            inertia = float(sq_dist(batch, c).min(1).values.mean())
             if abs(previous - inertia) <= self.tol * max(inertia, 1e-12):
                 break
             previous = inertia
@@ -117,12 +122,12 @@ class MiniBatchKMeans:
         if self.centroids is None:
             raise RuntimeError("k-means model is not fitted")
         c = self.centroids.double()
-        return torch.cat([self._sq_dist(x[i : i + chunk].double(), c).argmin(1) for i in range(0, x.shape[0], chunk)])
+        return torch.cat([sq_dist(x[i : i + chunk].double(), c).argmin(1) for i in range(0, x.shape[0], chunk)])
 
     def score(self, x: Tensor, chunk: int = 65536) -> float:
         """Mean squared distance of x (N, D) to the nearest centroid."""
         c = self.centroids.double()
-        total = sum(float(self._sq_dist(x[i : i + chunk].double(), c).min(1).values.sum())
+        total = sum(float(sq_dist(x[i : i + chunk].double(), c).min(1).values.sum())
                     for i in range(0, x.shape[0], chunk))
         return total / max(x.shape[0], 1)
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssamba.models.spectrogram import SpectrogramEncoder, load_pretrained
+from ssamba.models.io import load_pretrained
+from ssamba.models.spectrogram import SpectrogramEncoder
 
 __all__ = ["MPCResult", "MPGResult", "MSPMOutput", "MaskedPatchPretraining"]
 

@@ -1,4 +1,5 @@
-"""Downstream tasks: fine-tuning, linear probes, metrics, recipes, the s3prl-style upstream adapter.
+"""Downstream tasks on the training engine: fine-tuning and linear probes (with their recipes), CTC and
+reconstruction over HuBERT-family encoders; metrics, embeddings, the s3prl-style upstream adapter.
 
 Imports are lazy (PEP 562), so ``import ssamba.tasks`` stays cheap and never pulls in modules a caller does
 not use (e.g. the HuBERT CTC task in ``ssamba.tasks.ctc``)."""
@@ -12,6 +13,7 @@ _EXPORTS = {
     "finetune": "finetune", "evaluate": "finetune", "WeightedSumProbe": "finetune",
     "load_classifier": "finetune", "build_classifier": "finetune", "resolve_init": "finetune",
     "UpstreamExpert": "upstream", "compare": "compare", "embed": "embed",
+    "CTCConfig": "ctc", "finetune_ctc": "ctc", "ReconstructConfig": "reconstruct", "reconstruct": "reconstruct",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

@@ -1,37 +1,46 @@
-"""Speech recognition and reconstruction downstreams over HuBERT-family representations.
+"""The CTC task over HuBERT-family representations (``ssamba hubert finetune``: :func:`finetune_ctc`, a step and an
+eval function on ``ssamba.train.engine``), with what it needs besides its head (``ssamba.models.heads.CTCHead``):
 
-* :class:`CharVocab` - characters of the training transcripts, blank = 0 (CTC), space = word boundary.
-* :class:`CTCHead` - a chosen encoder layer (or the normalised last one) -> optional small Conformer
-  downstream (attention Conformer blocks, Gulati et al. 2020) -> Linear to the vocabulary; trained with CTC
-  (Graves et al. 2006). Mamba-HuBERT (Zhang et al. 2025, Table 2) compares exactly these two set-ups.
-* :func:`greedy_decode`, :func:`edit_distance`, :func:`error_rates` - best-path decoding and CER / WER.
-* :class:`ReconstructionHead` - predicts the (100 Hz) log-mel fbank from the 50 Hz representations (two fbank
-  frames per representation frame), clean or from a noisy input (denoising): the "reconstruction" kind of task
-  of the seed's reconstruction-vs-classification hypothesis.
+* :class:`CharVocab` - characters (or espeak-ng phonemes, :func:`phonemize`) of the transcripts, blank = 0,
+  space = word boundary;
+* :func:`greedy_decode`, :func:`edit_distance`, :func:`error_rates` - best-path decoding and CER / WER;
+* :func:`hubert_encoder` - a pretrained (or new) encoder under a head, frozen as ``finetune.*`` says (shared with
+  ``ssamba.tasks.reconstruct``).
 
-Shape glossary: B batch, T frames (50 Hz), C width, V vocabulary (incl. blank), U transcript length,
-F fbank frames (100 Hz), M mel bins.
+Shape glossary: B batch, T frames (50 Hz), C width, V vocabulary (incl. blank), U transcript length.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssamba.nn.conformer import ConformerBlock
+from ssamba.data.manifest import read_manifest
+from ssamba.data.waveform import WaveformSet
+from ssamba.models.heads import BLANK, HEAD_WEIGHTS, CTCHead, save_head
+from ssamba.models.hubert import HuBERTModel, create_hubert
+from ssamba.pretrain.hubert_loss import span_mask
+from ssamba.train.config import LogSection, TrainSection
+from ssamba.train.hubert import (
+    HuBERTDataSection,
+    HuBERTModelSection,
+    HuBERTOptimSection,
+    HuBERTRun,
+    hubert_engine,
+    lr_at,
+    mask_generator,
+    prepare,
+)
 
-__all__ = ["BLANK", "CTCHead", "CharVocab", "ReconstructionHead", "edit_distance", "error_rates", "greedy_decode",
-           "load_head", "phonemize", "save_head"]
+__all__ = ["CTCConfig", "CharVocab", "FinetuneSection", "HeadRunConfig", "HeadSection", "edit_distance", "error_rates",
+           "finetune_ctc", "greedy_decode", "hubert_encoder", "phonemize"]
 
-# A saved head folder: its weights (encoder included) and what builds it again (load_head needs nothing else).
-HEAD_WEIGHTS, HEAD_CONFIG, VOCAB_FILE = "head.safetensors", "head.json", "vocab.json"
-
-BLANK = 0
 _STRESS = str.maketrans("", "", "\u02c8\u02cc")  # IPA primary / secondary stress marks
 
 
@@ -113,112 +122,176 @@ def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     return {"cer": ce / max(cn, 1), "wer": we / max(wn, 1), "chars": cn, "words": wn}
 
 
-def _select_layer(encoder: nn.Module, waveforms: Tensor, lengths: Tensor, layer: int | None,
-                  mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Layer ``layer`` (1-based) of the encoder's outputs, or its normalised final output when None;
-    ``mask`` (B, T) bool replaces frames by the mask embedding (fine-tuning augmentation)."""
-    feats, frame_lengths = encoder.cnn_features(waveforms, lengths)
-    outputs, final = encoder.encode(feats, frame_lengths, mask, num_layers=layer)
-    return (final if layer is None else outputs[layer - 1]), frame_lengths
+# ------------------------------------------------------------------------------------------------ the CTC task
 
 
-class CTCHead(nn.Module):
-    """Encoder -> [Conformer downstream] -> Linear(V). ``forward`` returns (log-probs (B, T, V), frames (B,))."""
-
-    def __init__(self, encoder: nn.Module, vocab_size: int, layer: int | None = None, conformer_layers: int = 0,
-                 conformer_dim: int = 144, conformer_heads: int = 4, conformer_kernel: int = 15,
-                 dropout: float = 0.1):
-        super().__init__()
-        depth = encoder.config.depth
-        if layer is not None and not 1 <= layer <= depth:
-            raise ValueError(f"layer must be in 1..{depth} (or None for the last, normalised), got {layer}")
-        self.encoder, self.layer = encoder, layer
-        # the constructor's architecture arguments, saved beside the weights by save_head
-        self.args = {"vocab_size": vocab_size, "layer": layer, "conformer_layers": conformer_layers,
-                     "conformer_dim": conformer_dim, "conformer_heads": conformer_heads,
-                     "conformer_kernel": conformer_kernel}  # fmt: skip
-        width = encoder.config.embed_dim
-        self.downstream = None
-        if conformer_layers:
-            self.down_proj = nn.Linear(width, conformer_dim)
-            self.downstream = nn.ModuleList(
-                ConformerBlock(conformer_dim, "attention", num_heads=conformer_heads, kernel_size=conformer_kernel,
-                               dropout=dropout) for _ in range(conformer_layers))
-            width = conformer_dim
-        self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(width, vocab_size)
-
-    def forward(self, waveforms: Tensor, lengths: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        h, frame_lengths = _select_layer(self.encoder, waveforms, lengths, self.layer, mask)  # (B, T, C)
-        if self.downstream is not None:
-            h = self.down_proj(h)
-            for block in self.downstream:
-                h = block(h, frame_lengths)
-        return F.log_softmax(self.out(self.drop(h)).float(), dim=-1), frame_lengths
-
-    def ctc_loss(self, log_probs: Tensor, frame_lengths: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:
-        """Mean over items of the CTC loss divided by the target length (``reduction="mean"``)."""
-        return F.ctc_loss(log_probs.transpose(0, 1), targets, frame_lengths, target_lengths, blank=BLANK,
-                          zero_infinity=True)
+@dataclass
+class HeadSection:
+    # encoder layer fed to the head (1-based); 0 = the last layer after the final norm
+    layer: int = 0
+    # attention Conformer blocks between the encoder and the output layer (0 = linear head on the features)
+    conformer_layers: int = 0
+    conformer_dim: int = 144
+    conformer_heads: int = 4
+    conformer_kernel: int = 15
+    dropout: float = 0.1
+    # CTC units: "chars" (the transcript's characters) or "phonemes" (espeak-ng IPA symbols of the transcript)
+    units: str = "chars"
 
 
-class ReconstructionHead(nn.Module):
-    """Encoder layer -> Linear(C, ratio * M): ``ratio`` fbank frames per representation frame (2 = 100 Hz
-    fbank from 50 Hz frames). ``forward`` returns predictions (B, T * ratio, M) and their valid frames."""
-
-    def __init__(self, encoder: nn.Module, num_mel_bins: int, layer: int | None = None, ratio: int = 2,
-                 hidden: int = 0):
-        super().__init__()
-        self.encoder, self.layer, self.ratio, self.num_mel_bins = encoder, layer, ratio, num_mel_bins
-        self.args = {"num_mel_bins": num_mel_bins, "layer": layer, "ratio": ratio, "hidden": hidden}
-        width = encoder.config.embed_dim
-        out = ratio * num_mel_bins
-        self.proj = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, out)) if hidden \
-            else nn.Linear(width, out)
-
-    def forward(self, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        h, frame_lengths = _select_layer(self.encoder, waveforms, lengths, self.layer)  # (B, T, C)
-        pred = self.proj(h)  # (B, T, ratio * M)
-        b, t, _ = pred.shape
-        return pred.reshape(b, t * self.ratio, self.num_mel_bins), frame_lengths * self.ratio
+@dataclass
+class FinetuneSection:
+    # pretrained model folder (`save_pretrained`, e.g. RUN/final) or "none" (random init of model.*)
+    init: str = "none"
+    # the CNN stays frozen (HuBERT fine-tuning); the encoder trains after freeze_encoder_steps (HuBERT 10k)
+    freeze_cnn: bool = True
+    freeze_encoder_steps: int = 0
+    # freeze the encoder for the whole run (a probe of the chosen layer)
+    freeze_encoder: bool = False
+    # span masking of the input frames as augmentation (HuBERT fine-tuning: 0.65; 0 = none)
+    mask_prob: float = 0.3
+    mask_span: int = 10
 
 
-_HEADS = {"ctc": CTCHead, "reconstruction": ReconstructionHead}
+
+@dataclass
+class HeadRunConfig(HuBERTRun):
+    """A head trained over a HuBERT-family encoder (CTC here, reconstruction in ``ssamba.tasks.reconstruct``)."""
+
+    model: HuBERTModelSection = field(default_factory=HuBERTModelSection)
+    data: HuBERTDataSection = field(default_factory=HuBERTDataSection)
+    head: HeadSection = field(default_factory=HeadSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    optim: HuBERTOptimSection = field(
+        default_factory=lambda: HuBERTOptimSection(lr=1e-3, weight_decay=0.0, warmup_steps=50))
+    train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
+    # test manifest, evaluated with the final head (CTC: the checkpoint of the best validation CER)
+    test: str = ""
 
 
-def save_head(head: CTCHead | ReconstructionHead, folder: str | Path, vocab: CharVocab | None = None) -> Path:
-    """``folder``: ``head.safetensors`` (head and encoder weights), ``head.json`` (the head's kind and arguments and
-    the encoder's family and config) and, for CTC, ``vocab.json``: :func:`load_head` rebuilds it from these alone."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    kind = next(k for k, cls in _HEADS.items() if isinstance(head, cls))
-    encoder = head.encoder
-    meta = {"kind": kind, "args": head.args, "encoder": {"family": encoder.family, "config": encoder.config.to_dict()}}
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(folder / HEAD_WEIGHTS))
-    (folder / HEAD_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
-    if vocab is not None:
-        (folder / VOCAB_FILE).write_text(json.dumps(vocab.chars) + "\n")
-    return folder
+@dataclass
+class CTCConfig(HeadRunConfig):
+    def validate(self) -> None:
+        super().validate()
+        if self.head.units not in ("chars", "phonemes"):
+            raise ValueError(f"head.units must be chars or phonemes, got {self.head.units!r}")
 
 
-def load_head(folder: str | Path) -> CTCHead | ReconstructionHead:
-    """The head saved by :func:`save_head` in ``folder`` (eval mode), encoder included."""
-    from safetensors.torch import load_file
+def hubert_encoder(cfg, head: Callable[[HuBERTModel], nn.Module]) -> nn.Module:
+    """``head(encoder)`` over the pretrained encoder of ``finetune.init`` (or a new one of ``model.*``), with the CNN
+    and, for a probe, the encoder frozen as ``finetune.*`` says."""
+    init, ft = cfg.finetune.init, cfg.finetune
+    if init and init != "none":
+        from ssamba.models import load_pretrained
 
-    from ssamba.models.spectrogram import FAMILIES
+        encoder = load_pretrained(init)
+        if not isinstance(encoder, HuBERTModel):
+            raise ValueError(f"{init}: holds a {encoder.family} model; HuBERT fine-tuning needs a HuBERT one")
+    else:
+        encoder = create_hubert(cfg.model.encoder, cfg.model.size, **cfg.model.overrides)
+    net = head(encoder)
+    if ft.freeze_cnn:
+        encoder.config.feature_grad_mult = 0.0  # cnn_features then runs under no_grad
+        encoder.feature_extractor.requires_grad_(False)
+    if ft.freeze_encoder:
+        encoder.requires_grad_(False)
+    return net
 
-    folder = Path(folder)
-    if not (folder / HEAD_CONFIG).exists():
-        raise ValueError(f"{folder}: not a saved head ({HEAD_CONFIG} is missing)")
-    meta = json.loads((folder / HEAD_CONFIG).read_text())
-    family = meta["encoder"]["family"]
-    if meta.get("kind") not in _HEADS or family not in FAMILIES:
-        raise ValueError(f"{folder / HEAD_CONFIG}: unknown head kind {meta.get('kind')!r} or encoder family {family!r}")
-    model_cls = FAMILIES[family]
-    encoder = model_cls(model_cls.config_class.from_dict(meta["encoder"]["config"]))
-    args = dict(meta["args"], dropout=0.0) if meta["kind"] == "ctc" else meta["args"]
-    head = _HEADS[meta["kind"]](encoder, **args)
-    head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
-    return head.eval()
+
+def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
+    """CTC over characters from a chosen layer (optionally through a Conformer downstream); evaluates valid CER
+    every eval_every steps, keeps the best head (RUN/best), reports its test CER / WER in RUN/metrics.json."""
+    run, h, ft = Path(run), cfg.head, cfg.finetune
+    text_map = None
+    if h.units == "phonemes":
+        from functools import lru_cache
+
+        text_map = lru_cache(maxsize=None)(phonemize)
+
+    def waveset(manifest: str) -> WaveformSet:
+        ds = WaveformSet(manifest, cfg.data.max_samples, cfg.data.skip_bad, transcripts=True)
+        ds.text_map = text_map
+        return ds
+
+    eng = hubert_engine(cfg, run, resume, cfg.test)
+    train_set = waveset(cfg.data.train)
+    # the unit inventory (not the labels) of every split given, so that a valid/test character unseen in the
+    # small training set is an error count, not a crash
+    texts = [ex.extra.get("transcript", "") for m in (cfg.data.train, cfg.data.valid, cfg.test) if m
+             for ex in read_manifest(m)]  # fmt: skip
+    vocab = CharVocab.from_transcripts([text_map(t) for t in texts] if text_map else texts)
+    prepare(eng, hubert_encoder(cfg, lambda enc: CTCHead(enc, len(vocab), h.layer or None, h.conformer_layers,
+                                                         h.conformer_dim, h.conformer_heads, h.conformer_kernel,
+                                                         h.dropout)), train_set)  # fmt: skip
+    head, device = eng.module, eng.device
+    valid_set = waveset(cfg.data.valid) if cfg.data.valid else None
+
+    def targets_of(texts):
+        enc = [vocab.encode(t) for t in texts]
+        return torch.cat(enc).to(device), torch.tensor([e.numel() for e in enc]).to(device)
+
+    def step_fn(step: int):
+        eng.set_lr(lr_at(step, cfg.optim, cfg.train.steps))
+        head.encoder.layers.requires_grad_(not (ft.freeze_encoder or step < ft.freeze_encoder_steps))
+
+        def micro(batch: dict, a: int):
+            wave, lengths = batch["features"].to(device), batch["lengths"].to(device)
+            mask = None
+            if ft.mask_prob > 0:
+                frames = head.encoder.frame_lengths(lengths).cpu()
+                t = int(head.encoder.frame_lengths(torch.tensor([wave.shape[1]]))[0])
+                gen = mask_generator(cfg.train.seed, step, eng.ddp.rank, a)
+                mask = span_mask(frames, t, ft.mask_prob, ft.mask_span, 0, generator=gen, same_count=False).to(device)
+            log_probs, frames = eng.model(wave, lengths, mask)  # through DDP when distributed
+            return head.ctc_loss(log_probs, frames, *targets_of(batch["text"])), {}
+
+        return eng.accumulate(micro, cfg.train.grad_accum)
+
+    @torch.no_grad()
+    def evaluate(dataset) -> dict:
+        head.eval()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=dataset.collate)
+        refs, hyps, loss, n = [], [], 0.0, 0
+        for batch in loader:
+            if batch["lengths"].numel() == 0:  # every item left out by data.skip_bad
+                continue
+            log_probs, frames = head(batch["features"].to(device), batch["lengths"].to(device))
+            loss += float(head.ctc_loss(log_probs, frames, *targets_of(batch["text"]))) * len(batch["text"])
+            n += len(batch["text"])
+            refs += [vocab.normalize(t) for t in batch["text"]]
+            hyps += [vocab.decode(ids) for ids in greedy_decode(log_probs, frames)]
+        examples = list(zip(refs[:3], hyps[:3], strict=True))
+        return {**error_rates(refs, hyps), "ctc": loss / max(n, 1), "examples": examples}
+
+    best = {"cer": math.inf}
+
+    def eval_fn(step: int) -> dict:
+        if not eng.ddp.main:
+            return {}
+        result = evaluate(valid_set)
+        if result["cer"] < best["cer"]:
+            best.update(cer=result["cer"], step=step)
+            save_head(head, run / "best", vocab.chars)
+        return {k: v for k, v in result.items() if k != "examples"} | {"best_cer": best["cer"]}
+
+    result = eng.fit(step_fn, cfg.train.steps, eval_fn if valid_set is not None else None)
+    if result["interrupted"] is not None or not result["main"]:
+        return result
+    if valid_set is not None and (run / "best").exists():
+        from safetensors.torch import load_file
+
+        head.load_state_dict(load_file(str(run / "best" / HEAD_WEIGHTS)))  # the best validation's weights
+    else:
+        save_head(head, run / "best", vocab.chars)
+    summary = {"task": "ctc", "metric": "cer" if h.units == "chars" else "per", "units": h.units,
+               "init": cfg.finetune.init, "layer": h.layer or "last", "conformer_layers": h.conformer_layers,
+               "steps": result["step"], "skipped_steps": result["skipped_steps"], "vocab": vocab.chars}  # fmt: skip
+    if valid_set is not None:
+        v = evaluate(valid_set)
+        summary.update(valid=v["cer"], valid_wer=v["wer"], best_step=best.get("step"))
+    if cfg.test:
+        r = evaluate(waveset(cfg.test))
+        summary.update(test=r["cer"], test_wer=r["wer"], test_examples=r["examples"])
+    (run / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return {**result, **summary}

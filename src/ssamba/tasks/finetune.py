@@ -10,13 +10,15 @@ Two modes over any spectrogram encoder (SSAMBA or SSAST; pretrained, imported or
   linear layer train. The frozen encoder is run once per split and its per-layer vectors cached (exact,
   because LayerNorm is per token and the weighted sum and the mean are linear).
 
-One optimizer step: next batch from the resumable sampler (seeded permutation per epoch), augmentation
-from the run's own generator, forward, loss, backward, step; the learning rate is recomputed from
-(step, epochs done). Validation at each epoch end (or every ``log.eval_every`` steps) keeps the best
-model by the task metric in ``RUN/best``; checkpoints (``RUN/checkpoints/step_N``, atomic safetensors +
-JSON) hold the model, optimizer, sampler position, best-so-far, weight-average sums and every RNG, so a
-resumed run continues exactly. At the end the best (or weight-averaged) model is scored on valid and
-test: ``RUN/metrics.json``, ``RUN/results.md``, ``RUN/confusion.png`` (single-label tasks).
+A step function and an eval function on the engine (``ssamba.train.engine``: DDP under torchrun, bf16 / fp16,
+gradient accumulation, the non-finite guard, exact resume). One optimizer step: the next batch from the resumable
+sampler (seeded permutation per epoch), augmentation from the run's own generator, forward, loss, backward, step;
+the learning rate is recomputed from (step, epochs done). Validation at each epoch end (or every
+``log.eval_every`` steps) keeps the best model by the task metric in ``RUN/best``; checkpoints
+(``RUN/checkpoints/step_N``, atomic safetensors + JSON) hold the model, optimizer, sampler position, best-so-far,
+weight-average sums and every RNG, so a resumed run continues exactly. At the end the best (or weight-averaged)
+model is scored on valid and test: ``RUN/metrics.json``, ``RUN/results.md``, ``RUN/confusion.png`` (single-label
+tasks).
 
 Shape glossary: B batch, T frames, F mel bins, K tokens, S special tokens, C width, L layers, Q classes.
 """
@@ -27,8 +29,6 @@ import copy
 import json
 import math
 import os
-import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,25 +42,15 @@ from ssamba import features as feats
 from ssamba.data.check import check_splits
 from ssamba.data.datasets import AudioDataset
 from ssamba.data.manifest import Example, LabelSet, read_manifest
-from ssamba.data.sampler import ResumableBatchSampler
-from ssamba.models.spectrogram import FAMILIES, create_model, load_pretrained
-from ssamba.nn.layers import lengths_to_mask
+from ssamba.models.heads import META_FILE, WeightedSumProbe, load_classifier, save_classifier
+from ssamba.models.io import load_pretrained
+from ssamba.models.registry import FAMILIES, create_model
 from ssamba.tasks.metrics import confusion_matrix, markdown_table, plot_confusion, task_metrics
 from ssamba.tasks.recipes import FinetuneConfig
-from ssamba.train.checkpoint import (
-    catch_stop_signals,
-    latest_checkpoint,
-    load_checkpoint,
-    optimizer_state,
-    restore_optimizer,
-    restore_rng,
-    rng_state,
-)
-from ssamba.train.checkpoint import save_checkpoint as write_checkpoint
-from ssamba.train.guard import NonFiniteGuard
-from ssamba.train.logging import MetricsLog
+from ssamba.train.engine import Engine
 
 __all__ = [
+    "META_FILE",
     "InitSource",
     "WeightedSumProbe",
     "build_classifier",
@@ -71,71 +61,9 @@ __all__ = [
     "save_classifier",
 ]
 
-META_FILE = "finetune.json"
-PROBE_FILE = "probe.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------- models
-
-
-class WeightedSumProbe(nn.Module):
-    """Frozen encoder -> softmax(w)-weighted sum over layers of LayerNorm(tokens) -> mean over the valid
-    patch tokens -> Linear (SUPERB's featurizer + a linear utterance classifier).
-
-    ``layer_logits`` (L,) start at zero (equal weights). Only ``layer_logits`` and ``head`` are trainable;
-    the encoder stays in eval mode (no dropout / stochastic depth) even when the probe trains. Before the
-    weighted sum each layer's pooled vector is standardised with fixed training-set statistics
-    (``feature_mean`` / ``feature_std`` (L, C) buffers, ``fit_standardization``), as a linear probe's
-    affine-free BatchNorm (MAE): pooled LayerNormed tokens vary little between clips, and without it a
-    short probe budget barely moves the classifier.
-    """
-
-    def __init__(self, encoder: nn.Module, num_classes: int):
-        super().__init__()
-        self.encoder = encoder.eval().requires_grad_(False)
-        c = encoder.config
-        with torch.no_grad():  # layer count of any family: one tiny forward pass
-            probe_in = torch.zeros(1, c.tshape, c.input_fdim)
-            num_layers = len(encoder.extract_features(probe_in)[0])
-        self.layer_logits = nn.Parameter(torch.zeros(num_layers))
-        self.head = nn.Linear(c.embed_dim, num_classes)
-        self.register_buffer("feature_mean", torch.zeros(num_layers, c.embed_dim))
-        self.register_buffer("feature_std", torch.ones(num_layers, c.embed_dim))
-
-    @torch.no_grad()
-    def fit_standardization(self, pooled: Tensor) -> None:
-        """Per-layer, per-channel mean / std of training vectors (N, L, C)."""
-        self.feature_mean.copy_(pooled.mean(0))
-        self.feature_std.copy_(pooled.std(0, unbiased=False).clamp_min(1e-5))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.encoder.eval()
-        return self
-
-    @torch.no_grad()
-    def pooled_layers(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """fbank (B, T, F), lengths (B,) -> per-layer pooled vectors (B, L, C) (what the cache stores)."""
-        hidden, token_lengths = self.encoder.extract_features(x, lengths)  # L x (B, K, C)
-        s = self.encoder.num_special_tokens
-        k = hidden[0].shape[1]
-        valid = lengths_to_mask(token_lengths, k)  # (B, K)
-        valid[:, :s] = False  # patch tokens only, as the avgtok head
-        weights = (valid.float() / valid.sum(1, keepdim=True))[..., None]  # (B, K, 1)
-        return torch.stack([(F.layer_norm(h, h.shape[-1:]) * weights).sum(1) for h in hidden], dim=1)
-
-    def forward_pooled(self, pooled: Tensor) -> Tensor:
-        """(B, L, C) -> logits (B, Q)."""
-        w = torch.softmax(self.layer_logits, dim=0)
-        pooled = (pooled - self.feature_mean) / self.feature_std
-        return self.head(torch.einsum("l,blc->bc", w, pooled))
-
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        return self.forward_pooled(self.pooled_layers(x, lengths))
-
-    @property
-    def layer_weights(self) -> list[float]:
-        return torch.softmax(self.layer_logits.detach(), dim=0).tolist()
 
 
 @dataclass
@@ -219,52 +147,6 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, init: InitSource | N
     return WeightedSumProbe(encoder, num_classes) if probe else encoder
 
 
-def _encoder(model: nn.Module) -> nn.Module:
-    return model.encoder if isinstance(model, WeightedSumProbe) else model
-
-
-def save_classifier(model: nn.Module, directory: Path, meta: dict) -> Path:
-    """``directory``: the encoder's save_pretrained files (with its head when fine-tuned), ``probe.safetensors``
-    for a probe, and ``finetune.json`` (mode, labels, input length and normalisation)."""
-    from safetensors.torch import save_file
-
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _encoder(model).save_pretrained(tmp, {"notes": (
-        f"Fine-tuned by `ssamba finetune` (task {meta.get('task')}, {meta.get('mode')}; the checkpoint of the best "
-        f"validation, step {meta.get('step')}); labels and normalisation are in `{META_FILE}`, load it with "
-        "`ssamba.tasks.finetune.load_classifier`.")})
-    if isinstance(model, WeightedSumProbe):
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                 if not k.startswith("encoder.")}  # fmt: skip
-        save_file(state, str(tmp / PROBE_FILE))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
-
-
-def load_classifier(directory: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Inverse of :func:`save_classifier`; accepts a fine-tuning run folder (uses RUN/best)."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    if not (directory / META_FILE).exists() and (directory / "best" / META_FILE).exists():
-        directory = directory / "best"
-    meta = _read_json(directory / META_FILE)
-    if meta is None:
-        raise FileNotFoundError(f"{directory}: no {META_FILE}; expected a fine-tuning run or its best/ folder")
-    encoder = load_pretrained(directory)
-    if meta["mode"] == "probe":
-        model = WeightedSumProbe(encoder, len(meta["labels"]["mids"]))
-        model.load_state_dict({**load_file(str(directory / PROBE_FILE)),
-                               **{"encoder." + k: v for k, v in encoder.state_dict().items()}})  # fmt: skip
-    else:
-        model = encoder
-    return model.eval(), meta
-
-
 # ------------------------------------------------------------------------------------------- augmentation
 
 
@@ -344,12 +226,10 @@ def _dataset(source, labels: LabelSet, cfg: FinetuneConfig, mean: float, std: fl
     return cls(source, labels, target_length=cfg.data.target_length, mean=mean, std=std, skip_bad=cfg.data.skip_bad)
 
 
-def _loader(ds: AudioDataset, batch_size: int, workers: int, sampler=None):
+def _loader(ds: AudioDataset, batch_size: int, workers: int):
     # own generator: building a DataLoader iterator must not draw from the global RNG (resume exactness)
-    kwargs = {"batch_sampler": sampler} if sampler is not None else {"batch_size": batch_size, "shuffle": False}
-    return torch.utils.data.DataLoader(ds, collate_fn=ds.collate, num_workers=workers,
-                                       persistent_workers=workers > 0 and sampler is not None,
-                                       generator=torch.Generator(), **kwargs)  # fmt: skip
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate, num_workers=workers,
+                                       generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -365,6 +245,23 @@ def _predict(model: nn.Module, loader, device) -> tuple[np.ndarray, np.ndarray]:
         targets.append(batch["labels"])
     model.train(was_training)
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+
+
+class PooledSet(torch.utils.data.Dataset):
+    """A probe's cached per-layer vectors (N, L, C) and targets (N, Q), batched by the engine's sampler."""
+
+    def __init__(self, pooled: Tensor, targets: Tensor):
+        self.pooled, self.targets = pooled, targets
+
+    def __len__(self) -> int:
+        return len(self.pooled)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def collate(self, rows: list[int]) -> dict:
+        rows = torch.tensor(rows)
+        return {"features": self.pooled[rows], "lengths": torch.ones(len(rows)), "labels": self.targets[rows]}
 
 
 _POOLED_MEMO: dict = {}
@@ -422,16 +319,6 @@ def _lr_factor(cfg: FinetuneConfig, step: int, epochs_done: int) -> float:
     return factor
 
 
-def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
-    """Head parameters at lr * head_lr (the official ``mlp_list``), the rest at lr; frozen ones left out."""
-    head, body = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (head if name.startswith("head.") or name == "layer_logits" else body).append(p)
-    groups = [{"params": body, "lr_scale": 1.0}] if body else []
-    return groups + [{"params": head, "lr_scale": cfg.optim.head_lr}]
-
-
 def _splits(cfg: FinetuneConfig) -> dict:
     d = cfg.data
     if not d.train or not d.valid:
@@ -481,6 +368,8 @@ def _finetune_folds(cfg: FinetuneConfig, run: Path, resume: bool, log) -> dict:
         if result.get("interrupted"):
             return result
         results.append(result)
+    if "valid" not in results[0]:  # a torchrun process other than rank 0: rank 0 summarises
+        return results[-1]
     summary = {key: results[0][key] for key in ("task", "metric", "mode", "model", "init")}
     for split in ("valid", "test"):
         values = [r[split] for r in results]
@@ -495,19 +384,8 @@ def _finetune_folds(cfg: FinetuneConfig, run: Path, resume: bool, log) -> dict:
 
 
 def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, log) -> dict:
-    ckpt_dir = run / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir) if resume else None
-    if not resume and latest_checkpoint(ckpt_dir) is not None:
-        raise FileExistsError(f"{run} already holds checkpoints; pass --resume to continue it or pick a new --out")
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    device_kind = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_kind)
-
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    aug_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    eng = Engine(run, cfg, resume)
+    device = eng.device
 
     # -- labels, normalisation, model
     labels = LabelSet.from_csv(cfg.data.labels)
@@ -521,9 +399,9 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
     datasets = {name: _dataset(src, labels, cfg, mean, std) for name, src in splits.items()}
     train_set = datasets["train"]
     bs = cfg.train.batch_size
-    sampler = ResumableBatchSampler(len(train_set), min(bs, len(train_set)), 1, cfg.train.seed)
     augmenting = cfg.augment.mixup > 0 or cfg.augment.freqm > 0 or cfg.augment.timem > 0 or cfg.augment.noise
-    cached = probe and cfg.train.cache_probe_features and not augmenting
+    # (under torchrun the probe trains on its encoder's outputs through DDP, not on cached vectors)
+    cached = probe and cfg.train.cache_probe_features and not augmenting and not eng.ddp.enabled
     workers = cfg.data.num_workers
     eval_loaders = {name: _loader(ds, bs, workers) for name, ds in datasets.items() if name != "train"}
     cache: dict[str, tuple[Tensor, Tensor]] = {}
@@ -532,39 +410,21 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
         cache = {name: _cache_pooled(model, ds, _loader(ds, bs, workers), device) for name, ds in datasets.items()}
         log(f"probe: cached per-layer vectors of {sum(len(v[0]) for v in cache.values())} clips in "
             f"{time.perf_counter() - tick:.1f} s")  # fmt: skip
-    loader = None if cached else _loader(train_set, bs, workers, sampler)
-    if probe and latest is None:  # fixed standardisation statistics from the (un-augmented) training split
+    o = cfg.optim  # the head (and the probe's layer weights) at lr * head_lr, the official mlp_list
+    net = eng.prepare(model, PooledSet(*cache["train"]) if cached else train_set, min(bs, len(train_set)),
+                      cfg.train.grad_accum, 0 if cached else workers,
+                      lambda name: o.head_lr if name.startswith("head.") or name == "layer_logits" else 1.0)
+    sampler = eng.sampler
+    if probe and eng.latest is None:  # fixed standardisation statistics from the (un-augmented) training split
         train_pooled = cache["train"][0] if cached else _cache_pooled(model, train_set, _loader(train_set, bs, workers),
                                                                       device)[0]  # fmt: skip
         model.fit_standardization(train_pooled.to(device))
-
-    # -- optimisation
-    o = cfg.optim
-    groups = _param_groups(model, cfg)
-    opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(groups, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
     bpe = sampler.batches_per_epoch
     total = cfg.train.steps if cfg.train.steps > 0 else cfg.train.epochs * bpe
     wa_on = o.wa_start > 0 and o.wa_end >= o.wa_start
     wa_sum: dict[str, Tensor] = {}
-    wa_count = 0
-    step, best, best_step, first_loss = 0, -math.inf, 0, None
-
-    if latest is not None:
-        tensors, state = load_checkpoint(latest)
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        restore_optimizer(optimizer, tensors, state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        restore_rng(tensors, state["rng"], aug_gen)
-        wa_sum = {k[len("wa."):]: v for k, v in tensors.items() if k.startswith("wa.")}
-        wa_count, step, best, best_step = state["wa_count"], state["step"], state["best"], state["best_step"]
-        first_loss = state["first_loss"]
-        log(f"resumed {run} from {latest.name} (step {step})")
-    metrics_log = MetricsLog(run, cfg.log.tensorboard, resume_step=step if latest is not None else None)
-    # non-finite losses: skipped (no update), counted, the run stops after train.max_bad_steps in a row
-    guard = NonFiniteGuard(cfg.train.max_bad_steps, metrics_log.log, ckpt_dir)
-    if latest is not None:
-        guard.load_state_dict(state)
+    s = {"wa_count": 0, "best": -math.inf, "best_step": 0, "first_loss": None}  # checkpointed with the run
+    losses = {"this": math.nan, "last": math.nan}  # this step's, the last update's
 
     meta = {"mode": cfg.task.mode, "task": cfg.task.name, "model": cfg.model.name, "init": cfg.model.init,
             "labels": {"mids": labels.mids, "names": labels.names}, "target_length": cfg.data.target_length,
@@ -577,124 +437,65 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
                 return model.forward_pooled(cache[split][0].to(device)).cpu().numpy(), cache[split][1].numpy()
         return _predict(model, eval_loaders[split], device)
 
+    def micro(batch: dict, a: int):
+        x, lengths, y = batch["features"], batch["lengths"], batch["labels"]
+        if cached:
+            return _loss(model.forward_pooled(x.to(device)), y.to(device), cfg.task.loss), {}
+        if augmenting:
+            x, lengths, y = _augment(x, lengths, y, cfg, train_set.pad_value, eng.gen)
+        return _loss(net(x.to(device), lengths.to(device)), y.to(device), cfg.task.loss), {}
+
+    def step_fn(step: int):
+        eng.set_lr(o.lr, _lr_factor(cfg, step, sampler.epoch))
+        losses["this"], metrics = eng.accumulate(micro, cfg.train.grad_accum)
+        return losses["this"], metrics
+
+    def after_step(step: int, skipped: bool) -> None:
+        if not skipped:
+            losses["last"] = losses["this"]
+            s["first_loss"] = losses["this"] if s["first_loss"] is None else s["first_loss"]
+        epoch_end = sampler.batch == 0
+        # weight averaging of end-of-epoch weights (official wa: epochs wa_start..wa_end); a skipped step left the
+        # weights as they were, so they still count
+        if wa_on and epoch_end and o.wa_start <= sampler.epoch <= o.wa_end:
+            for k, v in model.state_dict().items():
+                if v.is_floating_point():
+                    wa_sum[k] = wa_sum.get(k, torch.zeros_like(v, device="cpu")) + v.detach().cpu()
+            s["wa_count"] += 1
+
     last_valid: dict = {}
 
-    def validate() -> dict:
-        nonlocal best, best_step
-        guard.check_weights(model, step)  # a new best is saved below
-        s, t = scores_of("valid")
-        last_valid.update(step=step, scores=(s, t))
-        result = task_metrics(s, t, cfg.task.multilabel)
-        if result[cfg.task.metric] > best:
-            best, best_step = result[cfg.task.metric], step
+    def eval_fn(step: int) -> dict:
+        if not eng.ddp.main:
+            return {}
+        scores = scores_of("valid")
+        last_valid.update(step=step, scores=scores)
+        result = task_metrics(*scores, cfg.task.multilabel)
+        if result[cfg.task.metric] > s["best"]:
+            s["best"], s["best_step"] = result[cfg.task.metric], step
             save_classifier(model, run / "best", {**meta, "step": step})
-        metrics_log.log({"step": step, "split": "valid", **result, "best": best})
+        return {**result, "best": s["best"]}
+
+    def load_state(tensors: dict, state: dict) -> None:
+        wa_sum.update({k[len("wa."):]: v for k, v in tensors.items() if k.startswith("wa.")})
+        s.update({k: state[k] for k in s})
+
+    every = cfg.log.eval_every
+    result = eng.fit(step_fn, total, eval_fn, lambda st: st == total or (sampler.batch == 0 if every == 0 else
+                                                                          st % every == 0),  # fmt: skip
+                     after_step, lambda: ({f"wa.{k}": v for k, v in wa_sum.items()}, dict(s)), load_state,
+                     baseline=False, desc=f"{cfg.task.name} {cfg.task.mode}")
+    step, wa_count, best_step, first_loss = result["step"], s["wa_count"], s["best_step"], s["first_loss"]
+    loss_value = losses["last"]
+    if result["interrupted"] or not eng.ddp.main:
         return result
-
-    def save_checkpoint() -> None:
-        guard.check_weights(model, step)
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update({f"wa.{k}": v for k, v in wa_sum.items()})
-        opt_tensors, opt_meta = optimizer_state(optimizer)
-        rng_tensors, rng_meta = rng_state(aug_gen)
-        state = {"step": step, "optimizer": opt_meta, "sampler": sampler.state_dict(), "rng": rng_meta,
-                 "wa_count": wa_count, "best": best, "best_step": best_step, "first_loss": first_loss,
-                 **guard.state_dict(), "config": cfg.to_dict()}  # fmt: skip
-        write_checkpoint(ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, state, cfg.log.keep_last)
-
-    stop, restore_signals = catch_stop_signals()
-    bar = None
-    if cfg.log.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc=f"{cfg.task.name} {cfg.task.mode}")
-    batches = None if cached else iter(loader)
-    order_cache: list = []
-    model.train()
-    tick = time.perf_counter()
-    train_seconds = 0.0
-    loss_value = float("nan")
-    try:
-        while step < total:
-            # -- learning rate of this step
-            factor = _lr_factor(cfg, step, sampler.epoch)
-            for g in optimizer.param_groups:
-                g["lr"] = o.lr * g["lr_scale"] * factor
-            # -- batch
-            if cached:
-                if not order_cache:
-                    order_cache = list(iter(sampler))
-                rows = torch.tensor(order_cache.pop(0))
-                x, y = cache["train"][0][rows].to(device), cache["train"][1][rows].to(device)
-                logits = model.forward_pooled(x)
-            else:
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    batches = iter(loader)
-                    batch = next(batches)
-                x, lengths, y = batch["features"], batch["lengths"], batch["labels"]
-                if augmenting:
-                    x, lengths, y = _augment(x, lengths, y, cfg, train_set.pad_value, aug_gen)
-                logits = model(x.to(device), lengths.to(device))
-                y = y.to(device)
-            loss = _loss(logits, y, cfg.task.loss)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            # a NaN / inf loss is skipped (ssamba.train.guard): no backward, no update; its batch is consumed
-            skipped = not guard.check(float(loss.detach()), step, optimizer)
-            if not skipped:
-                loss.backward()
-                if o.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], o.grad_clip)
-                optimizer.step()
-                loss_value = float(loss.detach())
-                if first_loss is None:
-                    first_loss = loss_value
-            sampler.advance()
-            epoch_end = sampler.batch == 0
-            if cached and epoch_end:
-                order_cache = []
-            now = time.perf_counter()
-            train_seconds += now - tick
-            # -- weight averaging of end-of-epoch weights (official wa: epochs wa_start..wa_end); a skipped step
-            # left the weights as they were, so they still count
-            if wa_on and epoch_end and o.wa_start <= sampler.epoch <= o.wa_end:
-                for k, v in model.state_dict().items():
-                    if v.is_floating_point():
-                        wa_sum[k] = wa_sum.get(k, torch.zeros_like(v, device="cpu")) + v.detach().cpu()
-                wa_count += 1
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.3f}", best=f"{best:.3f}")
-                bar.update(1)
-            if skipped and step < total and stop["signal"] is None:
-                # nothing is evaluated or written after a skipped step (as pretraining)
-                tick = time.perf_counter()
-                continue
-            if not skipped and (step % cfg.log.log_every == 0 or step == total):
-                metrics_log.log({"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                                 "epoch": sampler.epoch})  # fmt: skip
-            at_eval = step == total or (epoch_end if cfg.log.eval_every == 0 else step % cfg.log.eval_every == 0)
-            if at_eval:
-                validate()
-            interrupted = stop["signal"] is not None
-            if step % cfg.log.ckpt_every == 0 or step == total or interrupted:
-                save_checkpoint()
-            tick = time.perf_counter()
-            if interrupted:
-                return {"interrupted": stop["signal"], "step": step}
-    finally:
-        restore_signals()
-        if bar is not None:
-            bar.close()
-        metrics_log.close()
 
     # -- final model: weight average when configured, else the best by validation
     if wa_on and wa_count:
         state = model.state_dict()
         state.update({k: (v / wa_count).to(state[k].dtype) for k, v in wa_sum.items()})
         model.load_state_dict(state)
-        guard.check_weights(model, step)
+        eng.guard.check_weights(model, step)
         save_classifier(model, run / "best", {**meta, "step": step, "weight_averaged": wa_count})
         chosen = "weight average"
     else:
@@ -715,8 +516,8 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
            "model": cfg.model.name, "init": cfg.model.init, "chosen": chosen, "best_step": best_step,
            "steps": step, "epochs": round(step / bpe, 3), "batch_size": sampler.batch_size,
            "train_items": len(train_set), "num_classes": len(labels), "first_loss": first_loss,
-           "last_loss": loss_value, "train_seconds": round(train_seconds, 2),
-           "skipped_steps": guard.skipped_steps, "splits": results}  # fmt: skip
+           "last_loss": loss_value, "train_seconds": round(eng.train_seconds, 2),
+           "skipped_steps": result["skipped_steps"], "splits": results}  # fmt: skip
     if probe:
         out["layer_weights"] = model.layer_weights
     split = "test" if "test" in results else "valid"

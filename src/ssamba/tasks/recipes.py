@@ -13,12 +13,10 @@ Sources of the presets (hyper-parameters copied as numbers, cited per preset):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from ssamba.train.config import merge_sections
+from ssamba.train.config import DataSection, LogSection, OptimSection, RunConfig, TrainSection
 
 __all__ = ["TASKS", "FinetuneConfig", "task_recipe"]
 
@@ -40,9 +38,7 @@ class FTModelSection:
 
 
 @dataclass
-class FTDataSection:
-    train: str = ""
-    valid: str = ""
+class FTDataSection(DataSection):
     test: str = ""
     # class_labels_indices.csv (index,mid,display_name)
     labels: str = ""
@@ -51,8 +47,6 @@ class FTDataSection:
     # fbank normalisation (x - mean) / (2 std); null = the init's pretraining values (else AudioSet's)
     mean: float | None = None
     std: float | None = None
-    num_workers: int = 0
-    skip_bad: bool = False
     # keep every clip's fbank in memory after its first use, shared by the runs of one process (with
     # num_workers = 0; workers would fill their own copies)
     cache_features: bool = True
@@ -88,16 +82,14 @@ class FTAugmentSection:
 
 
 @dataclass
-class FTOptimSection:
+class FTOptimSection(OptimSection):
     # "adam" (official run.py: Adam, wd 5e-7, betas (0.95, 0.999)) or "adamw"
     name: str = "adam"
-    lr: float = 1e-4
-    # learning-rate multiplier of the classification head (official head_lr)
-    head_lr: float = 1.0
     weight_decay: float = 5e-7
     betas: tuple = (0.95, 0.999)
+    # learning-rate multiplier of the classification head (official head_lr)
+    head_lr: float = 1.0
     # official warm-up: lr = step / warmup_steps * lr, updated every warmup_every steps (0 = off)
-    warmup_steps: int = 0
     warmup_every: int = 50
     # MultiStepLR per epoch: lr *= decay at epochs start, start + step, ... (official lrscheduler_*)
     lr_start: int = 5
@@ -106,67 +98,35 @@ class FTOptimSection:
     # weight averaging of the end-of-epoch weights of epochs wa_start..wa_end (1-based; 0 = off; official wa)
     wa_start: int = 0
     wa_end: int = 0
-    grad_clip: float = 0.0
 
 
 @dataclass
-class FTTrainSection:
-    epochs: int = 10
-    # stop after this many optimizer steps (0 = epochs decide); with steps, validation happens every
-    # `eval_every` steps and at the end
+class FTTrainSection(TrainSection):
+    # optimizer steps (0 = epochs decide); with steps, validation happens every `eval_every` steps and at the end
     steps: int = 0
     batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
+    epochs: int = 10
     # linear probe: run the frozen encoder once per split and train on the cached per-layer vectors
     # (exact: the encoder is frozen and deterministic in eval mode; off when augmentation is on)
     cache_probe_features: bool = True
-    # stop with an error after this many non-finite losses in a row (each is skipped: no update), as
-    # pretraining and HuBERT (ssamba.train.guard)
-    max_bad_steps: int = 5
-
-
-@dataclass
-class FTLogSection:
-    # metrics.jsonl every N steps
-    log_every: int = 10
-    # validation every N steps (0 = at each epoch end)
-    eval_every: int = 0
-    # resumable checkpoints every N steps (and at the end / on SIGINT, SIGTERM); keep the last K
-    ckpt_every: int = 200
-    keep_last: int = 2
-    tensorboard: bool = True
-    progress: bool = True
 
 
 MODES = ("finetune", "probe")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     model: FTModelSection = field(default_factory=FTModelSection)
     data: FTDataSection = field(default_factory=FTDataSection)
     task: FTTaskSection = field(default_factory=FTTaskSection)
     augment: FTAugmentSection = field(default_factory=FTAugmentSection)
     optim: FTOptimSection = field(default_factory=FTOptimSection)
     train: FTTrainSection = field(default_factory=FTTrainSection)
-    log: FTLogSection = field(default_factory=FTLogSection)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
-        cfg = cls()
-        cfg.update(values, source="config.json")
-        return cfg
-
-    def update(self, values: dict[str, Any], source: str = "config") -> None:
-        """Merge ``{"section": {"key": value}}`` (``ssamba.train.config.merge_sections``: typed, all or nothing)."""
-        merge_sections(self, values, source)
+    log: LogSection = field(default_factory=lambda: LogSection(eval_every=0, tensorboard=True))
 
     def validate(self) -> None:
-        t, o = self.task, self.optim
+        super().validate()
+        t = self.task
         if t.mode not in MODES:
             raise ValueError(f"task.mode must be one of {MODES}, got {t.mode!r}")
         if t.loss not in ("ce", "bce"):
@@ -175,12 +135,8 @@ class FinetuneConfig:
             raise ValueError(f"task.metric must be acc or mAP, got {t.metric!r}")
         if t.multilabel and t.loss != "bce":
             raise ValueError("a multi-label task needs task.loss = bce")
-        if o.name not in ("adam", "adamw"):
-            raise ValueError(f"optim.name must be adam or adamw, got {o.name!r}")
         if self.train.epochs < 1 and self.train.steps < 1:
             raise ValueError("train.epochs or train.steps must be positive")
-        if self.train.batch_size < 1:
-            raise ValueError("train.batch_size must be positive")
         if not 0.0 <= self.augment.mixup <= 1.0:
             raise ValueError(f"augment.mixup is a probability, got {self.augment.mixup}")
         from ssamba.models import check_overrides, model_family

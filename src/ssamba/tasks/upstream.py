@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from ssamba import features as feats
 from ssamba.audio import SAMPLE_RATE
-from ssamba.models.spectrogram import SpectrogramEncoder, load_pretrained
+from ssamba.models.io import load_pretrained
+from ssamba.models.spectrogram import SpectrogramEncoder
 from ssamba.nn.layers import lengths_to_mask
 
 __all__ = ["UpstreamExpert"]

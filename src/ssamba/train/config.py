@@ -19,7 +19,73 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser as a package
     import tomli as tomllib
 
-__all__ = ["PretrainConfig", "apply_overrides", "load_config", "merge_sections", "recipe"]
+__all__ = ["DataSection", "LogSection", "OptimSection", "PretrainConfig", "RunConfig", "TrainSection",
+           "apply_overrides", "load_config", "merge_sections", "recipe"]
+
+
+# ------------------------------------------------------------------ the sections every run has (extended per task)
+
+
+@dataclass
+class DataSection:
+    # manifests (SSAST JSON, .jsonl or a folder per class)
+    train: str = ""
+    valid: str = ""
+    # DataLoader worker processes computing features (0 = in the training process)
+    num_workers: int = 0
+    # leave out unreadable files (counted) instead of stopping
+    skip_bad: bool = False
+
+
+@dataclass
+class OptimSection:
+    # "adamw" or "adam" (L2 weight decay)
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    # weight decay on "all" tensors (the official SSAST / SSAMBA recipes) or on "matrices" only (not on biases,
+    # norms and tensors marked _no_weight_decay: mamba_ssm's A_log and D, fairseq's HuBERT)
+    decay: str = "all"
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    # linear warm-up over the first steps (each task's schedule says how)
+    warmup_steps: int = 0
+    # max gradient norm (0 = off; the official SSAST / SSAMBA code does not clip)
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    # optimizer steps
+    steps: int = 1000
+    # clips per optimizer step over all processes (global batch)
+    batch_size: int = 8
+    # micro-batches per step per process; batch_size must divide by grad_accum * world size
+    grad_accum: int = 1
+    seed: int = 0
+    # "fp32", "bf16" (autocast, CPU or CUDA), "fp16" (CUDA, with a GradScaler), "auto" (bf16 on CUDA when supported)
+    precision: str = "fp32"
+    # "auto", "cpu", "cuda"
+    device: str = "auto"
+    # stop with an error after this many non-finite losses in a row (each is skipped: no update)
+    max_bad_steps: int = 5
+
+
+@dataclass
+class LogSection:
+    # metrics.jsonl / progress bar every N steps
+    log_every: int = 10
+    # validation every N steps (0 = only at the end; fine-tuning: at each epoch end)
+    eval_every: int = 100
+    # resumable checkpoints every N steps (and at the end / on SIGINT, SIGTERM); keep the last K
+    ckpt_every: int = 200
+    keep_last: int = 2
+    # TensorBoard scalars in RUN/tb (needs the optional `tensorboard` package)
+    tensorboard: bool = False
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------ pretraining
 
 
 @dataclass
@@ -31,10 +97,7 @@ class ModelSection:
 
 
 @dataclass
-class DataSection:
-    # manifests (SSAST JSON, .jsonl or a folder per class); labels are ignored
-    train: str = ""
-    valid: str = ""
+class PretrainDataSection(DataSection):
     # frames per clip after pad/cut (official 1024 = 10.24 s); the demo's 1 s keywords fit 96
     target_length: int = 1024
     # mask and encode only each clip's valid patches (False = official: padding frames are patches too)
@@ -42,10 +105,6 @@ class DataSection:
     # fbank normalisation (x - mean) / (2 std); official AudioSet+LibriSpeech values
     mean: float = -4.2677393
     std: float = 4.5689974
-    # DataLoader worker processes computing fbank (0 = in the training process)
-    num_workers: int = 2
-    # leave out unreadable files (counted) instead of stopping
-    skip_bad: bool = False
 
 
 @dataclass
@@ -65,81 +124,72 @@ class MaskSection:
 
 
 @dataclass
-class OptimSection:
-    # "adamw" (SSAMBA) or "adam" (SSAST, L2 weight decay)
-    name: str = "adamw"
-    lr: float = 1e-4
+class PretrainOptimSection(OptimSection):
+    # SSAMBA: AdamW, wd 5e-8; SSAST: Adam, wd 5e-7 (recipe); the official code sets lr = step/1000 * lr every 50 steps
     weight_decay: float = 5e-8
     betas: tuple = (0.95, 0.999)
-    # linear warm-up over the first steps; the official code sets lr = step/1000 * lr every 50 steps
     warmup_steps: int = 1000
     warmup_every: int = 50
     # ReduceLROnPlateau on validation masked accuracy (official factor 0.5, patience 2 validations)
     plateau_factor: float = 0.5
     plateau_patience: int = 2
-    # max gradient norm (0 = off; the official code does not clip)
-    grad_clip: float = 0.0
 
 
 @dataclass
-class TrainSection:
-    steps: int = 1000
-    # clips per optimizer step over all processes (global batch)
-    batch_size: int = 64
-    # micro-batches per step per process; batch_size must divide by grad_accum * world size
-    grad_accum: int = 1
-    seed: int = 0
-    # "auto" (bf16 on CUDA when supported, else fp32), "fp32", "bf16", "fp16" (CUDA, with a GradScaler)
-    precision: str = "auto"
-    # "auto", "cpu", "cuda"
-    device: str = "auto"
-    # stop with an error after this many non-finite losses in a row (each is skipped)
-    max_bad_steps: int = 5
-
-
-@dataclass
-class LogSection:
-    # metrics.jsonl / progress bar every N steps
-    log_every: int = 1
-    # validation every N steps (0 = only at the end) on at most eval_batches batches (0 = all), fixed mask seed
-    eval_every: int = 500
+class PretrainLogSection(LogSection):
+    # validation on at most eval_batches batches (0 = all), masks from a fixed seed
     eval_batches: int = 0
     eval_mask_seed: int = 1234
-    # checkpoints every N steps and at the end; keep the last K
-    ckpt_every: int = 500
-    keep_last: int = 3
-    # TensorBoard scalars in RUN/tb (needs the optional `tensorboard` package)
-    tensorboard: bool = True
-    progress: bool = True
 
 
-@dataclass
-class PretrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    mask: MaskSection = field(default_factory=MaskSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    log: LogSection = field(default_factory=LogSection)
+class RunConfig:
+    """Base of every run config (pretraining, fine-tuning, HuBERT pretraining, CTC, reconstruction): a dataclass of
+    sections, each a commented dataclass; ``update`` merges typed values (unknown keys are errors naming them),
+    ``validate`` checks what types cannot. Presets are small functions that set fields (``recipe``,
+    ``ssamba.tasks.recipes``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        cfg = cls()
+        cfg.update(values, source="config.json")
+        return cfg
 
     def update(self, values: dict[str, Any], source: str = "config") -> None:
         """Merge ``{"section": {"key": value}}`` (see :func:`merge_sections`)."""
         merge_sections(self, values, source)
 
     def validate(self) -> None:
+        t = self.train
+        if t.steps < 0 or t.batch_size < 1 or t.grad_accum < 1:
+            raise ValueError("train.steps, train.batch_size and train.grad_accum must be positive")
+        if self.optim.name not in ("adam", "adamw") or self.optim.decay not in ("all", "matrices"):
+            raise ValueError(f"optim.name must be adam or adamw, optim.decay all or matrices, got "
+                             f"{self.optim.name!r}, {self.optim.decay!r}")
+        if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}")
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    model: ModelSection = field(default_factory=ModelSection)
+    data: PretrainDataSection = field(default_factory=lambda: PretrainDataSection(num_workers=2))
+    mask: MaskSection = field(default_factory=MaskSection)
+    optim: PretrainOptimSection = field(default_factory=PretrainOptimSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(batch_size=64, precision="auto"))
+    log: PretrainLogSection = field(default_factory=lambda: PretrainLogSection(
+        log_every=1, eval_every=500, ckpt_every=500, keep_last=3, tensorboard=True))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.train.steps < 1:
+            raise ValueError("train.steps must be positive")
         if self.mask.kind not in ("auto", "cluster", "frame"):
             raise ValueError(f"mask.kind must be auto, cluster or frame, got {self.mask.kind!r}")
         if self.mask.nce_orientation not in ("official", "paper"):
             raise ValueError(f"mask.nce_orientation must be official or paper, got {self.mask.nce_orientation!r}")
-        if self.optim.name not in ("adam", "adamw"):
-            raise ValueError(f"optim.name must be adam or adamw, got {self.optim.name!r}")
-        if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.train.precision!r}")
-        if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
-            raise ValueError("train.steps, train.batch_size and train.grad_accum must be positive")
         from ssamba.models import check_overrides, model_family
 
         if model_family(self.model.name) not in ("ssamba", "ssast"):
