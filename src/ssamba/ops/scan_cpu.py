@@ -50,28 +50,33 @@ __all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "scan_row_pair", "select
 # LLVM turn each per-step loop over the state into straight vector code (a runtime N made it 2.5x slower).
 LANES = 16
 # States are checkpointed every K steps: checkpoints cost B*D*NP*L/K values, and the backward works through one
-# chunk of K steps at a time in a per-thread buffer of about 9K vectors (74 KiB, in L2). Measured on the 2-core
-# EPYC (single noisy runs): K = 128 and 256 ran the backward about 10% faster than 32 or 64 (per-chunk
-# overhead) and than 512.
+# chunk of K steps of a pair of rows at a time in a per-thread buffer of about 14K vectors (115 KiB, in L2).
+# Measured on the 2-core EPYC (single noisy runs): with one row at a time, K = 128 and 256 ran the backward about
+# 10% faster than 32 or 64 (per-chunk overhead) and than 512; with pairs, 64 and 128 were within the noise.
 CHECKPOINT_EVERY = 128
-# Rows of the backward's per-thread working buffer (one LANES-wide vector each). Everything the loop that
-# carries the step-to-step dependence touches lives in this one array, at rows that move with the step j by a
-# constant offset each, so LLVM can prove they never overlap and vectorises the loop without runtime alias
-# checks. (With separate arrays, or with rows at fixed places next to rows that move with j, it gave up and ran
-# the lanes one by one: the whole backward was about 2.5x slower.) Unsigned, like every row index used with them
-# (see _backward_chunk).
+# Rows of the backward's per-thread working buffer (one LANES-wide vector each), for a pair of rows (0 and 1) that
+# share B and C. Everything the loop that carries the step-to-step dependence touches lives in this one array, at
+# rows that move with the step j by a constant offset each, so LLVM can prove they never overlap and vectorises the
+# loop without runtime alias checks. (With separate arrays, or with rows at fixed places next to rows that move with
+# j, it gave up and ran the lanes one by one: the whole backward was about 2.5x slower.) Unsigned, like every row
+# index used with them (see _backward_chunk).
 _K_U = np.uintp(CHECKPOINT_EVERY)
 _ONE_U = np.uintp(1)
-_W_H = np.uintp(0)  # K + 1 rows: the state before the chunk, then after each of its steps
-_W_DECAY = _W_H + _K_U + _ONE_U  # K rows: exp(dt_j A)
-_W_B = _W_DECAY + _K_U  # K rows: B_j
+_W_B = np.uintp(0)  # K rows: B_j
 _W_C = _W_B + _K_U  # K rows: C_j
-_W_A = _W_C + _K_U  # K rows: copies of A (written by the recompute loop, one per step)
-_W_DB = _W_A + _K_U  # K rows: dB_j, before they are added to the slot
+_W_DB = _W_C + _K_U  # K rows: dB_j of both rows, before they are added to the slot
 _W_DC = _W_DB + _K_U  # K rows: dC_j, likewise
-_W_DA = _W_DC + _K_U  # K + 1 rows: dA summed over steps j .. end of chunk, at row j
-_W_CARRY = _W_DA + _K_U + _ONE_U  # K + 1 rows: what step j sends back to step j - 1, at row j
-_W_ROWS = int(_W_CARRY + _K_U + _ONE_U)
+_W_H0 = _W_DC + _K_U  # K + 1 rows each: the state before the chunk, then after each of its steps
+_W_H1 = _W_H0 + _K_U + _ONE_U
+_W_DECAY0 = _W_H1 + _K_U + _ONE_U  # K rows each: exp(dt_j A)
+_W_DECAY1 = _W_DECAY0 + _K_U
+_W_A0 = _W_DECAY1 + _K_U  # K rows each: copies of A (written by the recompute loop, one per step)
+_W_A1 = _W_A0 + _K_U
+_W_DA0 = _W_A1 + _K_U  # K + 1 rows each: dA summed over steps j .. end of chunk, at row j
+_W_DA1 = _W_DA0 + _K_U + _ONE_U
+_W_CARRY0 = _W_DA1 + _K_U + _ONE_U  # K + 1 rows each: what step j sends back to step j - 1, at row j
+_W_CARRY1 = _W_CARRY0 + _K_U + _ONE_U
+_W_ROWS = int(_W_CARRY1 + _K_U + _ONE_U)
 # ----------------------------------------------------------------------------------------------- kernels
 
 
@@ -231,157 +236,211 @@ def _backward_partition(
     part, u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias, softplus, has_z, y_pre, ckpt, dout, dlast,
     row_start, slot_start, du, ddelta, dz, d_a, d_d, d_bias, d_b, d_c,
 ):  # fmt: skip
-    """The rows of partition ``part`` (arguments as :func:`_backward_kernel`); a function of its own so that its
-    code can be inspected (``inspect_asm``) apart from the parallel wrapper."""
+    """The rows of partition ``part`` (arguments as :func:`_backward_kernel`), two channels of one batch item at a
+    time, as the forward (see scan_row_pair). A row without a partner (at the partition's end, or whose neighbour
+    reads other B or C) is paired with a ghost: its own inputs with a zero output gradient and a zero final state
+    gradient, so every gradient the ghost sends is exactly zero, and what it writes goes to scratch.
+    A function of its own so that its code can be inspected (``inspect_asm``) apart from the parallel wrapper."""
     nb, nd, seqlen = u.shape
     nblocks = a_blk.shape[1]
     per_gb = nd // b_blk.shape[1]
     per_gc = nd // c_blk.shape[1]
     nchunks = (seqlen + CHECKPOINT_EVERY - 1) // CHECKPOINT_EVERY
-    zero = u.dtype.type(0)
-    one = u.dtype.type(1)
-    # Scratch, allocated once per partition.
-    dt = np.empty(seqlen, u.dtype)  # (L,) discretisation step
-    dy = np.empty(seqlen, u.dtype)  # (L,) gradient of the pre-gate output
-    ddt = np.empty(seqlen, u.dtype)  # (L,) gradient of dt
+    # Scratch, allocated once per partition: per row of the pair, the discretisation step, the gradient of the
+    # pre-gate output and that of dt; the ghost's du; zeros for the ghost's gradients.
+    dt = np.empty((2, seqlen), u.dtype)
+    dy = np.empty((2, seqlen), u.dtype)
+    ddt = np.empty((2, seqlen), u.dtype)
+    ghost_du = np.empty(seqlen, u.dtype)
+    zeros = np.zeros(seqlen, u.dtype)
+    zero_state = np.zeros(LANES, u.dtype)
     work = np.empty((_W_ROWS, LANES), u.dtype)  # (W_ROWS, LANES) a chunk's working set, rows _W_*
-    da_row = np.empty(LANES, np.float64)  # (LANES,) dA summed over the row, in float64
+    da_rows = np.empty((2, LANES), np.float64)  # (2, LANES) dA summed over each row, in float64
     first_b = row_start[part] // nd
-    for row in range(row_start[part], row_start[part + 1]):
+    row = row_start[part]
+    while row < row_start[part + 1]:
         b = row // nd
-        d = row % nd
+        d0 = row % nd
+        d1 = d0 + 1
+        paired = (row + 1 < row_start[part + 1] and d1 < nd and d0 // per_gb == d1 // per_gb
+                  and d0 // per_gc == d1 // per_gc)  # fmt: skip
         slot = slot_start[part] + b - first_b
-        u_r, delta_r, dout_r = u[b, d], delta[b, d], dout[b, d]  # (L,)
-        du_r, ddelta_r = du[b, d], ddelta[b, d]  # (L,)
-
-        bias = delta_bias[d]
-        if softplus:
-            for t in range(seqlen):
-                dt[t] = softplus_of(delta_r[t] + bias)
+        _backward_row_start(b, d0, u, delta, z, y_pre, dout, delta_bias, d_skip, softplus, has_z,
+                            dt[0], dy[0], ddt[0], du[b, d0], dz, d_d)  # fmt: skip
+        if paired:
+            _backward_row_start(b, d1, u, delta, z, y_pre, dout, delta_bias, d_skip, softplus, has_z,
+                                dt[1], dy[1], ddt[1], du[b, d1], dz, d_d)  # fmt: skip
         else:
-            for t in range(seqlen):
-                dt[t] = delta_r[t] + bias
-        # Through the gate out = y * silu(z): dy = dout * silu(z), dz = dout * y * silu'(z).
-        if has_z:
-            z_r, y_r, dz_r = z[b, d], y_pre[b, d], dz[b, d]
-            for t in range(seqlen):
-                zt = z_r[t]
-                s = sigmoid(zt)
-                dy[t] = dout_r[t] * zt * s
-                dz_r[t] = dout_r[t] * y_r[t] * s * (one + zt * (one - s))
-        else:
-            for t in range(seqlen):
-                dy[t] = dout_r[t]
-        skip = d_skip[d]
-        dd_sum = 0.0
-        for t in range(seqlen):
-            dd_sum += dy[t] * u_r[t]
-            du_r[t] = dy[t] * skip
-            ddt[t] = zero
-        d_d[b, d] = dd_sum
+            d1 = d0
+            dt[1, :] = dt[0]
+        u1, dy1, du1 = (u[b, d1], dy[1], du[b, d1]) if paired else (u[b, d0], zeros, ghost_du)
 
         for blk in range(nblocks):
-            a_r = a_blk[d, blk]  # (LANES,)
-            b_r, c_r = b_blk[b, d // per_gb, blk], c_blk[b, d // per_gc, blk]  # (L, LANES)
-            db_r, dc_r = d_b[slot, d // per_gb, blk], d_c[slot, d // per_gc, blk]  # (L, LANES)
-            for k in range(LANES):
-                da_row[k] = 0.0
+            b_r, c_r = b_blk[b, d0 // per_gb, blk], c_blk[b, d0 // per_gc, blk]  # (L, LANES)
+            db_r, dc_r = d_b[slot, d0 // per_gb, blk], d_c[slot, d0 // per_gc, blk]  # (L, LANES)
+            da_rows[:] = 0.0
             for chunk in range(nchunks - 1, -1, -1):
                 t0 = chunk * CHECKPOINT_EVERY
                 steps = min(CHECKPOINT_EVERY, seqlen - t0)
                 _backward_chunk(
-                    work, chunk == nchunks - 1, np.uintp(steps), t0, dt, u_r, dy, du_r, ddt, a_r,
-                    b_r.reshape(seqlen * LANES), c_r.reshape(seqlen * LANES), ckpt[b, d, blk], dlast[b, d, blk],
-                    da_row, db_r.reshape(seqlen * LANES), dc_r.reshape(seqlen * LANES),
+                    work, chunk == nchunks - 1, np.uintp(steps), t0, dt[0], dt[1], u[b, d0], u1, dy[0], dy1,
+                    du[b, d0], du1, ddt[0], ddt[1], a_blk[d0, blk], a_blk[d1, blk], b_r.reshape(seqlen * LANES),
+                    c_r.reshape(seqlen * LANES), ckpt[b, d0, blk], ckpt[b, d1, blk], dlast[b, d0, blk],
+                    dlast[b, d1, blk] if paired else zero_state, da_rows, db_r.reshape(seqlen * LANES),
+                    dc_r.reshape(seqlen * LANES),
                 )  # fmt: skip
-            d_a[b, d, blk] = da_row
+            d_a[b, d0, blk] = da_rows[0]
+            if paired:
+                d_a[b, d1, blk] = da_rows[1]
 
-        # Through dt = softplus(delta + bias) (identity above the threshold, as torch's softplus).
-        bias_sum = 0.0
-        if softplus:
-            for t in range(seqlen):
-                x = delta_r[t] + bias
-                g = ddt[t] * (sigmoid(x) if x <= SOFTPLUS_THRESHOLD else one)
-                ddelta_r[t] = g
-                bias_sum += g
-        else:
-            for t in range(seqlen):
-                ddelta_r[t] = ddt[t]
-                bias_sum += ddt[t]
-        d_bias[b, d] = bias_sum
+        _backward_row_end(b, d0, delta, delta_bias, softplus, ddt[0], ddelta, d_bias)
+        if paired:
+            _backward_row_end(b, d1, delta, delta_bias, softplus, ddt[1], ddelta, d_bias)
+        row += 2 if paired else 1
+
+
+@numba.njit(**SERIAL, inline="always")
+def _backward_row_start(b, d, u, delta, z, y_pre, dout, delta_bias, d_skip, softplus, has_z, dt, dy, ddt, du_r, dz,
+                        d_d):  # fmt: skip
+    """Row (b, d) before the scan's backward: dt, the gradient dy of the pre-gate output (and dz through the gate),
+    the D skip's share of du and dD; ddt zeroed. dt, dy, ddt, du_r: (L,), written."""
+    seqlen = dt.shape[0]
+    one = u.dtype.type(1)
+    _discretisation_step(delta[b, d], delta_bias[d], softplus, dt)
+    dout_r, u_r = dout[b, d], u[b, d]  # (L,)
+    # Through the gate out = y * silu(z): dy = dout * silu(z), dz = dout * y * silu'(z).
+    if has_z:
+        z_r, y_r, dz_r = z[b, d], y_pre[b, d], dz[b, d]
+        for t in range(seqlen):
+            zt = z_r[t]
+            s = sigmoid(zt)
+            dy[t] = dout_r[t] * zt * s
+            dz_r[t] = dout_r[t] * y_r[t] * s * (one + zt * (one - s))
+    else:
+        for t in range(seqlen):
+            dy[t] = dout_r[t]
+    skip = d_skip[d]
+    dd_sum = 0.0
+    for t in range(seqlen):
+        dd_sum += dy[t] * u_r[t]
+        du_r[t] = dy[t] * skip
+        ddt[t] = 0
+    d_d[b, d] = dd_sum
+
+
+@numba.njit(**SERIAL, inline="always")
+def _backward_row_end(b, d, delta, delta_bias, softplus, ddt, ddelta, d_bias):
+    """Row (b, d) after the scan's backward: through dt = softplus(delta + bias) (identity above the threshold, as
+    torch's softplus) into ddelta and d delta_bias."""
+    delta_r, ddelta_r = delta[b, d], ddelta[b, d]  # (L,)
+    bias = delta_bias[d]
+    one = delta.dtype.type(1)
+    bias_sum = 0.0
+    if softplus:
+        for t in range(ddt.shape[0]):
+            x = delta_r[t] + bias
+            g = ddt[t] * (sigmoid(x) if x <= SOFTPLUS_THRESHOLD else one)
+            ddelta_r[t] = g
+            bias_sum += g
+    else:
+        for t in range(ddt.shape[0]):
+            ddelta_r[t] = ddt[t]
+            bias_sum += ddt[t]
+    d_bias[b, d] = bias_sum
 
 
 @numba.njit(**SERIAL, inline="always")
 def _backward_chunk(
-    work, is_last, steps, t0, dt, u_r, dy, du_r, ddt, a_r, b_flat, c_flat, ckpt_r, dlast_r, da_row, db_flat, dc_flat
+    work, is_last, steps, t0, dt0, dt1, u0, u1, dy0, dy1, du0, du1, ddt0, ddt1, a0, a1, b_flat, c_flat, ckpt0,
+    ckpt1, dlast0, dlast1, da_rows, db_flat, dc_flat,
 ):  # fmt: skip
-    """Backward through steps t0 .. t0+steps-1 of one state block of one row.
+    """Backward through steps t0 .. t0+steps-1 of one state block of two rows (0 and 1) that share B and C.
 
-    work: (W_ROWS, LANES) scratch (rows _W_*) holding, unless ``is_last``, in row _W_CARRY what the following
-    chunk sent back; dlast_r (LANES,) plays that part for the last chunk.
-    dt, u_r, dy: (L,); du_r, ddt: (L,) accumulated into; a_r: (LANES,); b_flat, c_flat: (L * LANES,) (the
-    block's (L, LANES) B and C, flattened); ckpt_r: (S, LANES); da_row: (LANES,) float64 and db_flat, dc_flat:
-    (L * LANES,) accumulated into.
+    work: (W_ROWS, LANES) scratch (rows _W_*) holding, unless ``is_last``, in rows _W_CARRY0/1 what the following
+    chunk sent back; dlast0/1 (LANES,) play that part for the last chunk.
+    dt, u, dy: (L,) per row; du, ddt: (L,) per row, accumulated into; a0, a1: (LANES,); b_flat, c_flat:
+    (L * LANES,) (the block's (L, LANES) B and C, flattened); ckpt0/1: (S, LANES); da_rows: (2, LANES) float64 and
+    db_flat, dc_flat: (L * LANES,) accumulated into (the two rows' dB and dC summed).
     Work rows are indexed with unsigned integers: numba then emits no negative-index wrap-around, which would
     hide from LLVM that rows never overlap. Inlined so that ``work``'s shape is a known constant, which the
     same proof needs. Copies between ``work`` and other arrays are flat loops, which LLVM vectorises with one
     runtime overlap check; short ones over LANES are unrolled first and then stay scalar.
     """
-    zero = u_r.dtype.type(0)
+    zero = u0.dtype.type(0)
     chunk = t0 // CHECKPOINT_EVERY
     w_flat = work.reshape(_W_ROWS * LANES)
     lanes = np.uintp(LANES)
     base = np.uintp(t0) * lanes  # flat index of step t0 in b_flat, c_flat, db_flat, dc_flat
     for k in range(LANES):
-        work[_W_CARRY + steps, k] = dlast_r[k] if is_last else work[_W_CARRY, k]
-        work[_W_DA + steps, k] = zero
-        work[_W_H, k] = ckpt_r[chunk - 1, k] if chunk > 0 else zero
+        work[_W_CARRY0 + steps, k] = dlast0[k] if is_last else work[_W_CARRY0, k]
+        work[_W_CARRY1 + steps, k] = dlast1[k] if is_last else work[_W_CARRY1, k]
+        work[_W_DA0 + steps, k] = zero
+        work[_W_DA1 + steps, k] = zero
+        work[_W_H0, k] = ckpt0[chunk - 1, k] if chunk > 0 else zero
+        work[_W_H1, k] = ckpt1[chunk - 1, k] if chunk > 0 else zero
     for i in range(steps * lanes):
         w_flat[_W_B * lanes + i] = b_flat[base + i]
         w_flat[_W_C * lanes + i] = c_flat[base + i]
-    # Recompute the chunk's states from its checkpoint (the state after the previous chunk).
+    # Recompute the chunk's states from its checkpoints (the states after the previous chunk).
     for j in range(steps):
         ju = np.uintp(j)
-        dtt = dt[t0 + j]
-        dtu = dtt * u_r[t0 + j]
+        dtt0, dtt1 = dt0[t0 + j], dt1[t0 + j]
+        dtu0, dtu1 = dtt0 * u0[t0 + j], dtt1 * u1[t0 + j]
         for k in range(LANES):
-            a = exp(dtt * a_r[k])
-            work[_W_DECAY + ju, k] = a
+            e0 = exp(dtt0 * a0[k])
+            e1 = exp(dtt1 * a1[k])
+            work[_W_DECAY0 + ju, k] = e0
+            work[_W_DECAY1 + ju, k] = e1
             # A in every row the step loop below reads it from. Here it is one vector store per step; a copy of
             # K rows once per row and block compiled to scalar stores and cost about 1 us a row (40% of the
             # backward at B=16, L=49; 10% at L=513).
-            work[_W_A + ju, k] = a_r[k]
-            work[_W_H + ju + _ONE_U, k] = a * work[_W_H + ju, k] + dtu * work[_W_B + ju, k]
+            work[_W_A0 + ju, k] = a0[k]
+            work[_W_A1 + ju, k] = a1[k]
+            bk = work[_W_B + ju, k]
+            work[_W_H0 + ju + _ONE_U, k] = e0 * work[_W_H0 + ju, k] + dtu0 * bk
+            work[_W_H1 + ju + _ONE_U, k] = e1 * work[_W_H1 + ju, k] + dtu1 * bk
     # Walk it backwards. g = dL/dh_t = dy_t C_t + carry, and h_t = a_t h_{t-1} + dt_t u_t B_t gives
     # dB_t = g dt_t u_t, dC_t = dy_t h_t, d(dt_t u_t) = <g, B_t>, d(dt_t A) = g h_{t-1} a_t (so
     # d dt_t += <d(dt_t A), A> and dA += d(dt_t A) dt_t, summed from the chunk's end in the _W_DA rows), and
-    # the carry to step t-1 is g a_t.
+    # the carry to step t-1 is g a_t. Two rows: two independent chains, one B and C, dB and dC summed.
     for jj in range(steps):
         j = steps - _ONE_U - np.uintp(jj)
         t = t0 + np.intp(j)
-        dtt = dt[t]
-        ut = u_r[t]
-        dtu = dtt * ut
-        dyt = dy[t]
-        s_b = zero  # <g, B_t>
-        s_a = zero  # <d(dt_t A), A>
+        dtt0, dtt1 = dt0[t], dt1[t]
+        ut0, ut1 = u0[t], u1[t]
+        dtu0, dtu1 = dtt0 * ut0, dtt1 * ut1
+        dyt0, dyt1 = dy0[t], dy1[t]
+        s_b0 = zero  # <g, B_t>
+        s_b1 = zero
+        s_a0 = zero  # <d(dt_t A), A>
+        s_a1 = zero
         for k in range(LANES):
-            g = dyt * work[_W_C + j, k] + work[_W_CARRY + j + _ONE_U, k]
-            work[_W_DB + j, k] = g * dtu
-            work[_W_DC + j, k] = dyt * work[_W_H + j + _ONE_U, k]
-            s_b += g * work[_W_B + j, k]
-            g_da = g * work[_W_H + j, k] * work[_W_DECAY + j, k]
-            s_a += g_da * work[_W_A + j, k]
-            work[_W_DA + j, k] = work[_W_DA + j + _ONE_U, k] + g_da * dtt
-            work[_W_CARRY + j, k] = g * work[_W_DECAY + j, k]
-        du_r[t] += dtt * s_b
-        ddt[t] += ut * s_b + s_a
+            ck, bk = work[_W_C + j, k], work[_W_B + j, k]
+            g0 = dyt0 * ck + work[_W_CARRY0 + j + _ONE_U, k]
+            g1 = dyt1 * ck + work[_W_CARRY1 + j + _ONE_U, k]
+            work[_W_DB + j, k] = g0 * dtu0 + g1 * dtu1
+            work[_W_DC + j, k] = dyt0 * work[_W_H0 + j + _ONE_U, k] + dyt1 * work[_W_H1 + j + _ONE_U, k]
+            s_b0 += g0 * bk
+            s_b1 += g1 * bk
+            g_da0 = g0 * work[_W_H0 + j, k] * work[_W_DECAY0 + j, k]
+            g_da1 = g1 * work[_W_H1 + j, k] * work[_W_DECAY1 + j, k]
+            s_a0 += g_da0 * work[_W_A0 + j, k]
+            s_a1 += g_da1 * work[_W_A1 + j, k]
+            work[_W_DA0 + j, k] = work[_W_DA0 + j + _ONE_U, k] + g_da0 * dtt0
+            work[_W_DA1 + j, k] = work[_W_DA1 + j + _ONE_U, k] + g_da1 * dtt1
+            work[_W_CARRY0 + j, k] = g0 * work[_W_DECAY0 + j, k]
+            work[_W_CARRY1 + j, k] = g1 * work[_W_DECAY1 + j, k]
+        du0[t] += dtt0 * s_b0
+        du1[t] += dtt1 * s_b1
+        ddt0[t] += ut0 * s_b0 + s_a0
+        ddt1[t] += ut1 * s_b1 + s_a1
     for i in range(steps * lanes):  # two loops: d_b and d_c might overlap as far as LLVM knows
         db_flat[base + i] += w_flat[_W_DB * lanes + i]
     for i in range(steps * lanes):
         dc_flat[base + i] += w_flat[_W_DC * lanes + i]
     for k in range(LANES):
-        da_row[k] += work[_W_DA, k]
+        da_rows[0, k] += work[_W_DA0, k]
+        da_rows[1, k] += work[_W_DA1, k]
 
 
 # ------------------------------------------------------------------------------------------- torch glue
