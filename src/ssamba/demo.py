@@ -928,7 +928,15 @@ def run_demo(out: str | os.PathLike = "demo-out", *, seed: int = 0, scale: str =
             results = multiprocessing.get_context("spawn").Queue()
             child = multiprocessing.get_context("spawn").Process(target=_side_lane, name="ssamba-demo-side",
                                                                  args=(side, ctx, settings, results))
+            # the child's numba pool of one thread (sized at its import): an idle second pool thread spin-waits
+            # between kernels and takes the other lane's core (scripts/demo.sh sets the same for this process)
+            numba_threads = os.environ.get("NUMBA_NUM_THREADS")
+            os.environ["NUMBA_NUM_THREADS"] = "1"
             child.start()
+            if numba_threads is None:
+                os.environ.pop("NUMBA_NUM_THREADS")
+            else:
+                os.environ["NUMBA_NUM_THREADS"] = numba_threads
             _set_threads(1)
         if child is not None:
             collect(set(stage.needs))
