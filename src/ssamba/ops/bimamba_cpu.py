@@ -18,7 +18,7 @@ Shape glossary
     W  conv width (WP: padded to a multiple of conv_cpu.TAPS)      NB, LANES  state blocks as in scan_cpu
 
 Numbers: the conv and the scan recurrence are :mod:`ssamba.ops.conv_cpu`'s and :mod:`ssamba.ops.scan_cpu`'s own
-row code (``preactivation``; ``scan_row_pair``, scan_row's arithmetic on two channels at once); what differs from
+row code (``preactivation``; ``scan_row_pair``, which also runs the training forward); what differs from
 the unfused fast path is the summation order of dt_proj's R products (BLAS's against a plain loop) and where the
 gate's product is rounded, so the two agree to float32 rounding (tests/test_bimamba_cpu.py states the tolerance).
 
