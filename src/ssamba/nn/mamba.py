@@ -26,6 +26,8 @@ Faithful or fast, chosen at construction (``fast_path``, as ``mamba_ssm``'s ``us
                      fused numba kernels; ``SSAMBA_SCAN_BACKEND`` / ``use_backend`` override). The same products
                      grouped differently:
                      it agrees with the faithful path to float32 rounding (tests/test_mamba.py states the tolerance).
+                     Without autograd on CPU, InnerBiMamba runs its whole inner chain through the fused kernels of
+                     ``ssamba.ops.bimamba_cpu`` (the same function, in place, three (B, E, L) tensors alive).
 
 Padding: ``lengths`` (B,) gives each item's valid prefix. The forward direction is causal, so right
 padding cannot reach valid positions; the backward direction reverses only the valid part of each item
