@@ -36,10 +36,10 @@ import torch
 from numba import prange
 from torch import Tensor
 
-from ssamba.ops.conv_cpu import TAPS, preactivation
+from ssamba.ops.conv_cpu import padded_taps, preactivation
 from ssamba.ops.cpu_math import PARALLEL, SERIAL, sigmoid
 from ssamba.ops.cpu_math import softplus as softplus_of
-from ssamba.ops.scan_cpu import LANES, scan_row_pair, state_blocks
+from ssamba.ops.scan_cpu import LANES, a_blocks, scan_row_pair, state_blocks
 
 __all__ = ["DirectionWeights", "bimamba_inner_cpu", "is_available"]
 
@@ -197,9 +197,7 @@ def bimamba_inner_cpu(
     lengths_np = (np.full(nb, seqlen, np.int64) if lengths is None
                   else lengths.detach().to(torch.int64).cpu().numpy())  # fmt: skip
 
-    width = fwd.conv_weight.shape[-1]
-    conv_w = torch.zeros(2, ne, -(-width // TAPS) * TAPS, dtype=dtype)  # left-padded taps, as conv_cpu
-    conv_w[:, :, conv_w.shape[2] - width :] = _stacked(dtype, fwd.conv_weight, bwd.conv_weight).view(2, ne, width)
+    conv_w = torch.stack([padded_taps(w.conv_weight, dtype) for w in (fwd, bwd)])  # (2, E, WP)
     conv_b = torch.zeros(2, ne, dtype=dtype)
     for k, w in enumerate((fwd, bwd)):
         if w.conv_bias is not None:
@@ -216,11 +214,10 @@ def bimamba_inner_cpu(
         bc = x_dbl[:, :, rank:].reshape(2 * nb, 2 * nstate, seqlen)
         b_blk = state_blocks(bc[:, :nstate], dtype, nblocks).view(2, nb, nblocks, seqlen, LANES)
         c_blk = state_blocks(bc[:, nstate:], dtype, nblocks).view(2, nb, nblocks, seqlen, LANES)
-        a_blk = torch.zeros(2, ne, nblocks * LANES, dtype=dtype)
-        a_blk[:, :, :nstate] = _stacked(dtype, fwd.A, bwd.A)
+        a_blk = torch.stack([a_blocks(w.A, dtype, nblocks) for w in (fwd, bwd)])  # (2, E, NB, LANES)
         _scan_kernel(
             _np(xu), _np(x_dbl), _np(_stacked(dtype, fwd.dt_proj_weight, bwd.dt_proj_weight)),
-            _np(_stacked(dtype, fwd.dt_proj_bias, bwd.dt_proj_bias)), _np(a_blk.view(2, ne, nblocks, LANES)),
+            _np(_stacked(dtype, fwd.dt_proj_bias, bwd.dt_proj_bias)), _np(a_blk),
             _np(b_blk), _np(c_blk), _np(_stacked(dtype, fwd.D, bwd.D)),
         )  # fmt: skip
     scale = _np(xu).dtype.type(0.5 if divide_out else 1.0)  # in the compute dtype, so the loop stays in it

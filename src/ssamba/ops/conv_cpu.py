@@ -41,7 +41,7 @@ from torch import Tensor
 from ssamba.ops.cpu_math import PARALLEL, SERIAL, sigmoid
 from ssamba.ops.selective_scan import register_conv_backend
 
-__all__ = ["causal_conv1d_cpu", "is_available", "preactivation"]
+__all__ = ["causal_conv1d_cpu", "is_available", "padded_taps", "preactivation"]
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -198,15 +198,23 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
             raise ValueError(f"the cpu causal-conv1d backend needs CPU tensors; {name} is on {t.device}")
 
 
+def padded_taps(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """weight (E, W) or (E, 1, W) -> (E, WP) in ``dtype``, left-padded with zeros to a multiple of TAPS: the
+    kernels' weight layout."""
+    ne, width = weight.shape[0], weight.shape[-1]
+    wc = torch.zeros(ne, -(-width // TAPS) * TAPS, dtype=dtype)
+    wc[:, wc.shape[1] - width :] = weight.detach().reshape(ne, width)
+    return wc
+
+
 def _prepare(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """x (B, E, L), weight (E, WP) left-padded with zeros (see TAPS), bias (E,): the compute dtype, contiguous.
     x goes through the weight's dtype first (the reference's ``x.to(weight.dtype)``), so that a float64 x with
     float32 weights rounds as it does there."""
     compute = torch.promote_types(weight.dtype, torch.float32)
-    ne, width = weight.shape[0], weight.shape[-1]
+    ne = weight.shape[0]
     xc = x.detach().to(weight.dtype).to(compute).contiguous()
-    wc = torch.zeros(ne, -(-width // TAPS) * TAPS, dtype=compute)
-    wc[:, wc.shape[1] - width :] = weight.detach().reshape(ne, width)
+    wc = padded_taps(weight, compute)
     bc = torch.zeros(ne, dtype=compute) if bias is None else bias.detach().to(compute).contiguous()
     return xc, wc, bc
 

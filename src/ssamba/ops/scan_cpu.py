@@ -44,7 +44,8 @@ from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, exp, sigmo
 from ssamba.ops.cpu_math import softplus as softplus_of  # the kernels' `softplus` is their on/off flag
 from ssamba.ops.selective_scan import check_scan_inputs, register_backend
 
-__all__ = ["CHECKPOINT_EVERY", "LANES", "is_available", "scan_row_pair", "selective_scan_cpu", "state_blocks"]
+__all__ = ["CHECKPOINT_EVERY", "LANES", "a_blocks", "is_available", "scan_row_pair", "selective_scan_cpu",
+           "state_blocks"]
 
 # One AVX-512 register of float32; N=16 (Mamba-1's d_state) fills it exactly. Literal trip counts of LANES let
 # LLVM turn each per-step loop over the state into straight vector code (a runtime N made it 2.5x slower).
@@ -474,6 +475,14 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
             raise ValueError(f"the cpu selective-scan backend needs CPU tensors; {name} is on {t.device}")
 
 
+def a_blocks(A: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
+    """A (D, N) -> (D, NB, LANES) in ``dtype``, zero-padded (padded lanes decay by exp(0) = 1 but get no input)."""
+    nd, nstate = A.shape
+    padded = torch.zeros(nd, nblocks * LANES, dtype=dtype)
+    padded[:, :nstate] = A.detach()
+    return padded.view(nd, nblocks, LANES)
+
+
 def state_blocks(m: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
     """(B, N, L) or (B, G, N, L) -> (B, G, NB, L, LANES), zero-padded and contiguous (a step's lanes adjacent)."""
     m4 = m.detach() if m.dim() == 4 else m.detach().unsqueeze(1)  # (B, G, N, L)
@@ -497,13 +506,11 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias) -> _Prepared:
     def cast(t: Tensor) -> Tensor:
         return t.detach().to(dtype).contiguous()
 
-    a_blk = torch.zeros(nd, nblocks * LANES, dtype=dtype)
-    a_blk[:, :nstate] = A.detach()
     zeros = torch.zeros(nd, dtype=dtype)
     return _Prepared(
         u=cast(u),
         delta=cast(delta),
-        a_blk=a_blk.view(nd, nblocks, LANES),
+        a_blk=a_blocks(A, dtype, nblocks),
         b_blk=state_blocks(B, dtype, nblocks),
         c_blk=state_blocks(C, dtype, nblocks),
         d_skip=zeros if D is None else cast(D),
