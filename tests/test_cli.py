@@ -138,8 +138,11 @@ def test_set_values_are_parsed_to_the_field_type():
     apply_overrides(pre, ["model.overrides={depth = 4}", "model.name=ssast_tiny", "model.overrides.num_heads=2"])
     assert pre.model.overrides == {"depth": 4, "num_heads": 2} and pre.model.name == "ssast_tiny"
     ctc = CTCConfig()
-    apply_overrides(ctc, ["head.layer=2", "model.overrides.depth=3"])
+    apply_overrides(ctc, ["head.layer=2", "model.overrides.depth=3", "mask.prob=0.5", "mask.span=5"])
     assert ctc.head.layer == 2 and ctc.model.overrides == {"depth": 3}
+    assert (ctc.mask.prob, ctc.mask.span, ctc.mask.min_masks) == (0.5, 5, 0)  # HuBERT pretraining's span masks
+    with pytest.raises(ValueError, match="unknown key.*finetune.mask_prob"):  # one key per meaning: mask.prob
+        apply_overrides(ctc, ["finetune.mask_prob=0.5"])
     # a failed --set leaves the config as it was
     with pytest.raises(ValueError, match="train.batch_size expects an integer"):
         apply_overrides(pre, ["train.batch_size=1.5"])

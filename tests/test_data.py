@@ -197,3 +197,16 @@ def test_check_splits_one_line_per_run_counts_per_split_and_a_cache_per_manifest
     with pytest.raises(UnusableFilesError, match=r"7 unusable audio files in input split \(7 of 7\): .*gone4.wav: "
                                                  r"file not found; and 2 more; fix or remove them$"):  # fmt: skip
         check_splits({"input": missing}, skip_bad=False, hint=None)
+
+
+def test_augment_batch_is_seeded_and_off_by_default():
+    from ssamba.data.augment import augment_batch
+
+    x, lengths, y = torch.randn(4, 50, 8), torch.tensor([50, 40, 30, 20]), torch.eye(4)
+    same = augment_batch(x, lengths, y, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(same, (x, lengths, y), strict=True))  # nothing asked: unchanged
+    kw = {"freqm": 4, "timem": 10, "mixup": 0.5, "noise": True, "pad_value": -1.0}
+    one = augment_batch(x, lengths, y, torch.Generator().manual_seed(1), **kw)
+    two = augment_batch(x, lengths, y, torch.Generator().manual_seed(1), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))  # the generator decides everything
+    assert not torch.equal(one[0], x) and torch.allclose(one[2].sum(1), torch.ones(4))  # mixed labels sum to 1

@@ -14,14 +14,9 @@ from ssamba.audio import save_audio
 from ssamba.cli import main
 from ssamba.data.manifest import Example, LabelSet, read_manifest, write_manifest
 from ssamba.models import create_model, load_pretrained
-from ssamba.tasks.finetune import (
-    WeightedSumProbe,
-    build_classifier,
-    evaluate,
-    finetune,
-    load_classifier,
-    resolve_init,
-)
+from ssamba.models.heads import WeightedSumProbe, load_classifier
+from ssamba.models.io import resolve_init
+from ssamba.tasks.finetune import build_classifier, evaluate, finetune
 from ssamba.tasks.recipes import FinetuneConfig, task_recipe
 from ssamba.train.config import apply_overrides
 from tests.conftest import FP32_REORDER, assert_stopped_by_divergence, one_error_line

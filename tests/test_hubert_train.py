@@ -12,9 +12,10 @@ import soundfile as sf
 import torch
 
 from ssamba.cli import main
+from ssamba.data.text import CharVocab
 from ssamba.features import num_frames
 from ssamba.models import load_pretrained
-from ssamba.models.heads import load_head
+from ssamba.models.heads import greedy_decode, load_head
 from ssamba.pretrain.kmeans import (
     LabelError,
     MiniBatchKMeans,
@@ -23,7 +24,8 @@ from ssamba.pretrain.kmeans import (
     read_label_file,
     read_labels_for,
 )
-from ssamba.tasks.ctc import CharVocab, CTCConfig, edit_distance, error_rates, finetune_ctc, greedy_decode
+from ssamba.tasks.ctc import CTCConfig, finetune_ctc
+from ssamba.tasks.metrics import edit_distance, error_rates
 from ssamba.tasks.reconstruct import ReconstructConfig, reconstruct
 from ssamba.train.config import apply_overrides
 from ssamba.train.hubert import HuBERTPretrainConfig, pretrain_hubert

@@ -108,6 +108,47 @@ class AudioDataset(torch.utils.data.Dataset):
         return pad_collate(items, pad_value=self.pad_value)
 
 
+class MemoDataset(AudioDataset):
+    """An AudioDataset whose decoded, normalised fbank is kept in a shared in-process memo keyed by
+    (file, target_length, mean, std), so several runs over the same clips (the comparison table, k folds,
+    a second epoch) compute each clip's fbank once. Labels are encoded per dataset, so tasks that share
+    audio (keywords / speakers) share features too. Memory: clips x target_length x 128 x 4 bytes."""
+
+    memo: dict = {}
+
+    def __getitem__(self, index: int) -> dict | None:
+        key = (str(self.examples[index].path), self.target_length, self.mean, self.std)
+        hit = self.memo.get(key)
+        if hit is None:
+            item = super().__getitem__(index)
+            if item is None:
+                return None
+            self.memo[key] = (item["features"], item["length"])
+            return item
+        item = {"index": index, "features": hit[0], "length": hit[1]}
+        if self.labels is not None:
+            item["labels"] = self.labels.encode(self.examples[index].labels)
+        return item
+
+
+class FeatureSet(torch.utils.data.Dataset):
+    """Features computed beforehand (N, ...) and targets (N, Q) in memory (e.g. a linear probe's cached per-layer
+    vectors), batched by index like an AudioDataset: {"features", "lengths" (ones), "labels"}."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
+        self.features, self.targets = features, targets
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def collate(self, rows: list[int]) -> dict:
+        rows = torch.tensor(rows)
+        return {"features": self.features[rows], "lengths": torch.ones(len(rows)), "labels": self.targets[rows]}
+
+
 def pad_collate(items: Sequence[dict | None], pad_value: float = 0.0) -> dict:
     """Stack items, padding `features` at the end of the time axis.
 

@@ -73,6 +73,19 @@ def read_manifest(source: str | os.PathLike) -> list[Example]:
     return examples
 
 
+def read_inputs(inputs: Sequence[str | os.PathLike]) -> list[Example]:
+    """One manifest (any layout `read_manifest` reads) or audio files, as examples (``ssamba embed``'s inputs)."""
+    if len(inputs) == 1 and Path(inputs[0]).suffix.lower() not in AUDIO_SUFFIXES:
+        return read_manifest(inputs[0])
+    examples = []
+    for item in inputs:
+        path = Path(item)
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            raise ValueError(f"{path}: not an audio file ({', '.join(AUDIO_SUFFIXES)}) and more than one input given")
+        examples.append(Example(path=path))
+    return examples
+
+
 def _entry_to_example(source: Path, i: int, entry) -> Example:
     where = f"{source}: entry {i}"
     if not isinstance(entry, dict) or "wav" not in entry:

@@ -35,8 +35,8 @@ from ssamba.nn.conformer import ConformerBlock
 from ssamba.nn.layers import lengths_to_mask
 
 __all__ = ["BLANK", "HEAD_CONFIG", "HEAD_WEIGHTS", "META_FILE", "PROBE_FILE", "VOCAB_FILE", "CTCHead",
-           "ReconstructionHead", "WeightedSumProbe", "load_classifier", "load_head", "save_classifier", "save_head",
-           "select_layer"]
+           "ReconstructionHead", "WeightedSumProbe", "greedy_decode", "load_classifier", "load_head", "save_classifier",
+           "save_head", "select_layer"]
 
 # A saved head folder: its weights (encoder included) and what builds it again (load_head needs nothing else).
 HEAD_WEIGHTS, HEAD_CONFIG, VOCAB_FILE = "head.safetensors", "head.json", "vocab.json"
@@ -154,6 +154,17 @@ class CTCHead(nn.Module):
         """Mean over items of the CTC loss divided by the target length (``reduction="mean"``)."""
         return F.ctc_loss(log_probs.transpose(0, 1), targets, frame_lengths, target_lengths, blank=BLANK,
                           zero_infinity=True)
+
+
+def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
+    """Best path: (B, T, V) log-probabilities, (B,) frames -> per item the argmax ids with repeats
+    collapsed and blanks removed."""
+    best = log_probs.argmax(-1)  # (B, T)
+    out = []
+    for row, n in zip(best, lengths.tolist(), strict=True):
+        ids = torch.unique_consecutive(row[:n]).tolist()
+        out.append([i for i in ids if i != BLANK])
+    return out
 
 
 class ReconstructionHead(nn.Module):

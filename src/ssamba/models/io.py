@@ -2,11 +2,14 @@
 ``load_pretrained`` reads for every family: ``config.json`` ({"family", "config"}), ``model.safetensors`` (nothing
 pickled) and the ``README.md`` model card (``ssamba.models.hub``): a Hugging Face Hub model repo as it stands.
 Heads trained on top of an encoder are saved beside it with their own config (``ssamba.models.heads``).
+:func:`resolve_init` says what a path given as a model source (``--init``, ``embed``, the s3prl upstream) holds.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from torch import nn
 from ssamba.models.hub import resolve_model_dir, write_model_card
 from ssamba.models.registry import FAMILIES
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_pretrained", "save_model_folder"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "InitSource", "load_pretrained", "resolve_init", "save_model_folder"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -57,3 +60,51 @@ def load_pretrained(directory: str | Path, expect: type | None = None, **overrid
     model = model_cls(model_cls.config_class.from_dict({**meta["config"], **overrides}))
     model.load_adapted_state_dict(load_file(str(directory / WEIGHTS_FILE)), source)
     return model
+
+
+# ------------------------------------------------------------------------------------- model sources
+
+
+@dataclass
+class InitSource:
+    """Where encoder weights come from. kind: "none", "folder" (save_pretrained) or "checkpoint"
+    (a pretraining checkpoint step folder); ``pretrain`` is the pretraining run's config when known."""
+
+    kind: str
+    path: Path | None = None
+    pretrain: dict | None = None
+
+    @property
+    def norm(self) -> tuple[float, float] | None:
+        """(mean, std) the encoder was pretrained with, when known."""
+        data = (self.pretrain or {}).get("data") or {}
+        return (data["mean"], data["std"]) if "mean" in data and "std" in data else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resolve_init(init: str | os.PathLike | None) -> InitSource:
+    """``none`` | pretraining run folder (RUN/final) | save_pretrained folder | RUN/checkpoints/step_N."""
+    if init is None or str(init) == "none":
+        return InitSource("none")
+    p = Path(init)
+    if (p / "final" / "config.json").exists():
+        return InitSource("folder", p / "final", _read_json(p / "config.json"))
+    meta = _read_json(p / "config.json")
+    if meta is not None and "family" in meta:
+        run_cfg = _read_json(p.parent / "config.json")  # RUN/final -> RUN/config.json
+        return InitSource("folder", p, run_cfg if run_cfg and "data" in run_cfg else None)
+    if (p / "state.json").exists() and (p / "tensors.safetensors").exists():
+        state = _read_json(p / "state.json") or {}
+        if "config" not in state or "model" not in state["config"]:
+            raise ValueError(f"{p}: a checkpoint without its run config; cannot rebuild the encoder")
+        return InitSource("checkpoint", p, state["config"])
+    raise FileNotFoundError(
+        f"--init {p}: not a pretraining run (RUN/final), a save_pretrained folder (config.json + "
+        "model.safetensors) or a checkpoint folder (state.json + tensors.safetensors)"
+    )

@@ -10,8 +10,7 @@ import importlib
 
 _EXPORTS = {
     "FinetuneConfig": "recipes", "task_recipe": "recipes", "TASKS": "recipes",
-    "finetune": "finetune", "evaluate": "finetune", "WeightedSumProbe": "finetune",
-    "load_classifier": "finetune", "build_classifier": "finetune", "resolve_init": "finetune",
+    "finetune": "finetune", "evaluate": "finetune", "build_classifier": "finetune",
     "UpstreamExpert": "upstream", "compare": "compare", "embed": "embed",
     "CTCConfig": "ctc", "finetune_ctc": "ctc", "ReconstructConfig": "reconstruct", "reconstruct": "reconstruct",
 }  # fmt: skip

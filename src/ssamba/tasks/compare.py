@@ -21,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ssamba.tasks.finetune import InitSource, finetune, resolve_init
+from ssamba.models.io import InitSource, resolve_init
+from ssamba.tasks.finetune import finetune
 from ssamba.tasks.metrics import markdown_table
 from ssamba.tasks.recipes import task_recipe
 

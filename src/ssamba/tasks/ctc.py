@@ -1,125 +1,42 @@
 """The CTC task over HuBERT-family representations (``ssamba hubert finetune``: :func:`finetune_ctc`, a step and an
-eval function on ``ssamba.train.engine``), with what it needs besides its head (``ssamba.models.heads.CTCHead``):
-
-* :class:`CharVocab` - characters (or espeak-ng phonemes, :func:`phonemize`) of the transcripts, blank = 0,
-  space = word boundary;
-* :func:`greedy_decode`, :func:`edit_distance`, :func:`error_rates` - best-path decoding and CER / WER;
-* :func:`hubert_encoder` - a pretrained (or new) encoder under a head, frozen as ``finetune.*`` says (shared with
-  ``ssamba.tasks.reconstruct``).
+eval function on ``ssamba.train.engine``) and :func:`hubert_encoder`, a pretrained (or new) encoder under a head,
+frozen as ``finetune.*`` says (shared with ``ssamba.tasks.reconstruct``). Its parts live where they belong: the
+head and its best-path decoding in ``ssamba.models.heads`` (``CTCHead``, ``greedy_decode``), the transcripts'
+units in ``ssamba.data.text`` (``CharVocab``, ``phonemize``), CER / WER in ``ssamba.tasks.metrics``.
 
 Shape glossary: B batch, T frames (50 Hz), C width, V vocabulary (incl. blank), U transcript length.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ssamba.data.manifest import read_manifest
+from ssamba.data.text import CharVocab, phonemize
 from ssamba.data.waveform import WaveformSet
-from ssamba.models.heads import BLANK, HEAD_WEIGHTS, CTCHead, save_head
+from ssamba.models.heads import HEAD_WEIGHTS, CTCHead, greedy_decode, save_head
 from ssamba.models.hubert import HuBERTModel, create_hubert
 from ssamba.pretrain.hubert_loss import span_mask
-from ssamba.train.config import LogSection, TrainSection
+from ssamba.tasks.metrics import error_rates
 from ssamba.train.hubert import (
-    HuBERTDataSection,
-    HuBERTModelSection,
     HuBERTOptimSection,
     HuBERTRun,
+    SpanMaskSection,
     hubert_engine,
     lr_at,
     mask_generator,
     prepare,
 )
 
-__all__ = ["CTCConfig", "CharVocab", "FinetuneSection", "HeadRunConfig", "HeadSection", "edit_distance", "error_rates",
-           "finetune_ctc", "greedy_decode", "hubert_encoder", "phonemize"]
-
-_STRESS = str.maketrans("", "", "\u02c8\u02cc")  # IPA primary / secondary stress marks
-
-
-def phonemize(text: str, voice: str = "en-us") -> str:
-    """IPA phoneme string of a transcript from espeak-ng (the tool the demo corpus is rendered with), stress
-    marks removed, words separated by spaces; its symbols are the CTC units of ``units = "phonemes"``."""
-    import shutil
-    import subprocess
-
-    if shutil.which("espeak-ng") is None:
-        raise FileNotFoundError("espeak-ng is not installed; phoneme targets need it (apt-get install espeak-ng)")
-    out = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", voice, text], capture_output=True, text=True, check=True)
-    return " ".join(out.stdout.translate(_STRESS).split())
-
-
-class CharVocab:
-    """Character vocabulary; transcripts are lower-cased, runs of white space become one space."""
-
-    def __init__(self, chars: Sequence[str]):
-        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
-            raise ValueError(f"vocabulary must be distinct single characters, got {list(chars)}")
-        self.chars = list(chars)
-        self.index = {c: i + 1 for i, c in enumerate(self.chars)}  # 0 is the CTC blank
-
-    @staticmethod
-    def normalize(text: str) -> str:
-        return " ".join(text.lower().split())
-
-    @classmethod
-    def from_transcripts(cls, transcripts: Sequence[str]) -> CharVocab:
-        return cls(sorted({c for t in transcripts for c in cls.normalize(t)}))
-
-    def __len__(self) -> int:
-        return len(self.chars) + 1
-
-    def encode(self, text: str) -> Tensor:
-        text = self.normalize(text)
-        unknown = sorted({c for c in text if c not in self.index})
-        if unknown:
-            raise ValueError(f"transcript {text!r} has characters outside the vocabulary: {unknown}")
-        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return "".join(self.chars[i - 1] for i in ids if i != BLANK)
-
-
-def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
-    """Best path: (B, T, V) log-probabilities, (B,) frames -> per item the argmax ids with repeats
-    collapsed and blanks removed."""
-    best = log_probs.argmax(-1)  # (B, T)
-    out = []
-    for row, n in zip(best, lengths.tolist(), strict=True):
-        ids = torch.unique_consecutive(row[:n]).tolist()
-        out.append([i for i in ids if i != BLANK])
-    return out
-
-
-def edit_distance(ref: Sequence, hyp: Sequence) -> int:
-    """Levenshtein distance (substitutions, insertions, deletions all cost 1)."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
-
-
-def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> dict:
-    """Corpus CER and WER: total edits / total reference characters (words)."""
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    ce = cn = we = wn = 0
-    for r, h in zip(refs, hyps, strict=True):
-        ce += edit_distance(r, h)
-        cn += len(r)
-        we += edit_distance(r.split(), h.split())
-        wn += len(r.split())
-    return {"cer": ce / max(cn, 1), "wer": we / max(wn, 1), "chars": cn, "words": wn}
+__all__ = ["CTCConfig", "FinetuneSection", "HeadRunConfig", "HeadSection", "finetune_ctc", "hubert_encoder"]
 
 
 # ------------------------------------------------------------------------------------------------ the CTC task
@@ -148,30 +65,25 @@ class FinetuneSection:
     freeze_encoder_steps: int = 0
     # freeze the encoder for the whole run (a probe of the chosen layer)
     freeze_encoder: bool = False
-    # span masking of the input frames as augmentation (HuBERT fine-tuning: 0.65; 0 = none)
-    mask_prob: float = 0.3
-    mask_span: int = 10
-
 
 
 @dataclass
 class HeadRunConfig(HuBERTRun):
     """A head trained over a HuBERT-family encoder (CTC here, reconstruction in ``ssamba.tasks.reconstruct``)."""
 
-    model: HuBERTModelSection = field(default_factory=HuBERTModelSection)
-    data: HuBERTDataSection = field(default_factory=HuBERTDataSection)
-    head: HeadSection = field(default_factory=HeadSection)
-    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     optim: HuBERTOptimSection = field(
         default_factory=lambda: HuBERTOptimSection(lr=1e-3, weight_decay=0.0, warmup_steps=50))
-    train: TrainSection = field(default_factory=TrainSection)
-    log: LogSection = field(default_factory=LogSection)
+    head: HeadSection = field(default_factory=HeadSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     # test manifest, evaluated with the final head (CTC: the checkpoint of the best validation CER)
     test: str = ""
 
 
 @dataclass
 class CTCConfig(HeadRunConfig):
+    # span masking of the input frames as augmentation (HuBERT fine-tuning: mask_prob 0.65; prob 0 = none)
+    mask: SpanMaskSection = field(default_factory=lambda: SpanMaskSection(prob=0.3, min_masks=0))
+
     def validate(self) -> None:
         super().validate()
         if self.head.units not in ("chars", "phonemes"):
@@ -202,12 +114,8 @@ def hubert_encoder(cfg, head: Callable[[HuBERTModel], nn.Module]) -> nn.Module:
 def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
     """CTC over characters from a chosen layer (optionally through a Conformer downstream); evaluates valid CER
     every eval_every steps, keeps the best head (RUN/best), reports its test CER / WER in RUN/metrics.json."""
-    run, h, ft = Path(run), cfg.head, cfg.finetune
-    text_map = None
-    if h.units == "phonemes":
-        from functools import lru_cache
-
-        text_map = lru_cache(maxsize=None)(phonemize)
+    run, h, ft, m = Path(run), cfg.head, cfg.finetune, cfg.mask
+    text_map = functools.cache(phonemize) if h.units == "phonemes" else None  # each transcript phonemized once
 
     def waveset(manifest: str) -> WaveformSet:
         ds = WaveformSet(manifest, cfg.data.max_samples, cfg.data.skip_bad, transcripts=True)
@@ -238,11 +146,11 @@ def finetune_ctc(cfg: CTCConfig, run: str | Path, resume: bool = False) -> dict:
         def micro(batch: dict, a: int):
             wave, lengths = batch["features"].to(device), batch["lengths"].to(device)
             mask = None
-            if ft.mask_prob > 0:
+            if m.prob > 0:
                 frames = head.encoder.frame_lengths(lengths).cpu()
                 t = int(head.encoder.frame_lengths(torch.tensor([wave.shape[1]]))[0])
-                gen = mask_generator(cfg.train.seed, step, eng.ddp.rank, a)
-                mask = span_mask(frames, t, ft.mask_prob, ft.mask_span, 0, generator=gen, same_count=False).to(device)
+                gen = mask_generator(eng, step, a)
+                mask = span_mask(frames, t, m.prob, m.span, m.min_masks, generator=gen, same_count=False).to(device)
             log_probs, frames = eng.model(wave, lengths, mask)  # through DDP when distributed
             return head.ctc_loss(log_probs, frames, *targets_of(batch["text"])), {}
 

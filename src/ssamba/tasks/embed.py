@@ -41,48 +41,35 @@ from ssamba import features as feats
 from ssamba.audio import SAMPLE_RATE, audio_info, load_audio
 from ssamba.data.check import check_splits, header_problem
 from ssamba.data.datasets import AudioDataset
-from ssamba.data.manifest import AUDIO_SUFFIXES, Example, read_manifest
+from ssamba.data.manifest import read_inputs
+from ssamba.models.heads import META_FILE
+from ssamba.models.io import load_pretrained, resolve_init
 
-__all__ = ["WindowPlan", "column_times", "embed", "embed_recording", "embed_waveform", "load_encoder"]
+__all__ = ["FRAME_LENGTH", "FRAME_SHIFT", "WindowPlan", "column_times", "column_vectors", "embed", "embed_recording",
+           "embed_waveform", "load_encoder"]
 
 POOLS = ("mean", "frames", "none")
 # fbank geometry of the official pipeline: 25 ms frames every 10 ms at 16 kHz
-_FRAME_SHIFT, _FRAME_LENGTH = 160, 400
+FRAME_SHIFT, FRAME_LENGTH = 160, 400
 
 
-def _examples(inputs: list[str | os.PathLike]) -> list[Example]:
-    """A manifest (.json/.jsonl/folder per class) or audio files."""
-    if len(inputs) == 1 and Path(inputs[0]).suffix.lower() not in AUDIO_SUFFIXES:
-        return read_manifest(inputs[0])
-    examples = []
-    for item in inputs:
-        path = Path(item)
-        if path.suffix.lower() not in AUDIO_SUFFIXES:
-            raise ValueError(f"{path}: not an audio file ({', '.join(AUDIO_SUFFIXES)}) and more than one input given")
-        examples.append(Example(path=path))
-    return examples
-
-
-def load_encoder(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, float, float]:
+def load_encoder(model_dir: str | os.PathLike, **overrides) -> tuple[torch.nn.Module, float, float]:
     """(encoder in eval mode, fbank mean, fbank std) of a save_pretrained folder, a pretraining run or a
-    fine-tuning run (its encoder, with the normalisation it was trained with)."""
-    from ssamba.models.spectrogram import load_pretrained
-    from ssamba.tasks.finetune import META_FILE, load_classifier, resolve_init
-
+    fine-tuning run or its best/ folder (its encoder, with the normalisation it was trained with); ``overrides``
+    change the encoder's config as ``load_pretrained`` does."""
     path = Path(model_dir)
-    mean, std = feats.AUDIOSET_LIBRISPEECH_MEAN, feats.AUDIOSET_LIBRISPEECH_STD
-    if (path / META_FILE).exists() or (path / "best" / META_FILE).exists():  # a fine-tuned model
-        model, meta = load_classifier(path)
-        encoder = model.encoder if hasattr(model, "layer_logits") else model
-        mean, std = meta["mean"], meta["std"]
+    if not (path / META_FILE).exists() and (path / "best" / META_FILE).exists():
+        path = path / "best"
+    if (path / META_FILE).exists():  # a fine-tuned model (or probe): its encoder, its own normalisation
+        meta = json.loads((path / META_FILE).read_text())
+        source, norm = path, (meta["mean"], meta["std"])
     else:
         init = resolve_init(path)
         if init.kind != "folder":
-            raise ValueError(f"{model_dir}: embed needs a model folder or a run, not a {init.kind}")
-        encoder = load_pretrained(init.path)
-        if init.norm is not None:
-            mean, std = init.norm
-    return encoder.eval(), float(mean), float(std)
+            raise ValueError(f"{model_dir}: needs a model folder or a run, not a {init.kind}")
+        source, norm = init.path, init.norm
+    mean, std = norm or (feats.AUDIOSET_LIBRISPEECH_MEAN, feats.AUDIOSET_LIBRISPEECH_STD)
+    return load_pretrained(source, **overrides).eval(), float(mean), float(std)
 
 
 # ------------------------------------------------------------------------------------- time columns
@@ -92,12 +79,12 @@ def column_times(columns: int, tshape: int, tstride: int, first_column: int = 0)
     """Centres (seconds) of time columns ``first_column ..``: column j spans frames [j tstride, j tstride +
     tshape), frame i spans samples [160 i, 160 i + 400) at 16 kHz."""
     j = torch.arange(first_column, first_column + columns, dtype=torch.float64)
-    start = _FRAME_SHIFT * j * tstride
-    end = _FRAME_SHIFT * (j * tstride + tshape - 1) + _FRAME_LENGTH
+    start = FRAME_SHIFT * j * tstride
+    end = FRAME_SHIFT * (j * tstride + tshape - 1) + FRAME_LENGTH
     return (start + end) / 2 / SAMPLE_RATE
 
 
-def _column_vectors(stack: torch.Tensor, special: int, f_grid: int, t_valid: int) -> torch.Tensor:
+def column_vectors(stack: torch.Tensor, special: int, f_grid: int, t_valid: int) -> torch.Tensor:
     """One item's tokens (L + 1, K, C) -> (L + 1, t_valid, C): the mean of each time column's Fg patch tokens
     (patches are packed frequency-major: token S + f t_valid + t)."""
     patches = stack[:, special : special + f_grid * t_valid]
@@ -151,8 +138,8 @@ def _fbank_windows(read: Callable[[int, int], np.ndarray], plan: WindowPlan, mea
                    ) -> Iterator[torch.Tensor]:
     """Normalised fbank (frames, M) of each window; ``read(first sample, samples)`` gives the 16 kHz audio."""
     for first, frames, _, _ in plan.windows:
-        wave = torch.from_numpy(np.ascontiguousarray(read(first * _FRAME_SHIFT, (frames - 1) * _FRAME_SHIFT
-                                                          + _FRAME_LENGTH), dtype=np.float32))
+        wave = torch.from_numpy(np.ascontiguousarray(read(first * FRAME_SHIFT, (frames - 1) * FRAME_SHIFT
+                                                          + FRAME_LENGTH), dtype=np.float32))
         yield feats.normalize(feats.official_fbank(wave)[:frames], mean, std)
 
 
@@ -179,7 +166,7 @@ def _embed_windows(encoder, plan: WindowPlan, windows: Iterator[torch.Tensor], b
         stack, t_valid = _encode(encoder, x, lengths)
         for row in range(len(pending)):
             first_frame, _, own_from, own_to = plan.windows[done + row]
-            cols = _column_vectors(stack[row], special, f_grid, int(t_valid[row]))
+            cols = column_vectors(stack[row], special, f_grid, int(t_valid[row]))
             first_column = first_frame // c.tstride
             out.append(cols[:, own_from - first_column : own_to - first_column].float())
         done += len(pending)
@@ -206,30 +193,33 @@ def _hop(encoder, hop_frames: int | None) -> tuple[int, int]:
     return window, hop_frames
 
 
+def _embed_signal(encoder, samples: int, read: Callable[[int, int], np.ndarray], mean: float, std: float,
+                  hop_frames: int | None, batch_size: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column vectors (L + 1, T, C), column centres (T,) in seconds) of a 16 kHz signal of ``samples`` samples
+    that ``read(first sample, samples)`` gives, window by window."""
+    c = encoder.config
+    window, hop = _hop(encoder, hop_frames)
+    plan = WindowPlan.make(feats.num_frames(samples), window, hop, c.tshape, c.tstride)
+    vectors = _embed_windows(encoder, plan, _fbank_windows(read, plan, mean, std), batch_size,
+                             progress=progress and len(plan.windows) > 8)
+    return vectors, column_times(plan.columns, c.tshape, c.tstride)
+
+
 def embed_waveform(encoder, wave: torch.Tensor | np.ndarray, mean: float, std: float, *,
                    hop_frames: int | None = None, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """A 16 kHz mono waveform (S,) of any length -> (column vectors (L + 1, T, C), column centres (T,) in
     seconds), windowed as the module docstring says."""
     wave = torch.as_tensor(wave, dtype=torch.float32).detach().cpu().numpy()
-    window, hop = _hop(encoder, hop_frames)
-    c = encoder.config
-    plan = WindowPlan.make(feats.num_frames(wave.shape[-1]), window, hop, c.tshape, c.tstride)
-    vectors = _embed_windows(encoder, plan, _fbank_windows(lambda a, n: wave[a : a + n], plan, mean, std), batch_size)
-    return vectors, column_times(plan.columns, c.tshape, c.tstride)
+    return _embed_signal(encoder, wave.shape[-1], lambda a, n: wave[a : a + n], mean, std, hop_frames, batch_size)
 
 
 def embed_recording(encoder, path: str | os.PathLike, mean: float, std: float, *, hop_frames: int | None = None,
                     batch_size: int = 4, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """An audio file of any length -> (column vectors (L + 1, T, C), column centres (T,) in seconds). A 16 kHz
     file is read window by window (memory bounded by the window); other rates are decoded and resampled whole."""
-    c = encoder.config
-    window, hop = _hop(encoder, hop_frames)
     with soundfile.SoundFile(str(path)) as f:
-        rate, samples = f.samplerate, f.frames
-    if rate != SAMPLE_RATE:
-        return embed_waveform(encoder, load_audio(path), mean, std, hop_frames=hop, batch_size=batch_size)
-    plan = WindowPlan.make(feats.num_frames(samples), window, hop, c.tshape, c.tstride)
-    with soundfile.SoundFile(str(path)) as f:
+        if f.samplerate != SAMPLE_RATE:
+            return embed_waveform(encoder, load_audio(path), mean, std, hop_frames=hop_frames, batch_size=batch_size)
 
         def read(first: int, count: int) -> np.ndarray:
             f.seek(first)
@@ -238,9 +228,7 @@ def embed_recording(encoder, path: str | os.PathLike, mean: float, std: float, *
                 raise ValueError(f"{path}: contains NaN or infinite samples")
             return block.mean(axis=1, dtype=np.float64).astype(np.float32) if block.shape[1] > 1 else block[:, 0]
 
-        vectors = _embed_windows(encoder, plan, _fbank_windows(read, plan, mean, std), batch_size,
-                                 progress=progress and len(plan.windows) > 8)
-    return vectors, column_times(plan.columns, c.tshape, c.tstride)
+        return _embed_signal(encoder, f.frames, read, mean, std, hop_frames, batch_size, progress)
 
 
 # ------------------------------------------------------------------------------------------ embed
@@ -265,7 +253,7 @@ def embed(model_dir: str | os.PathLike, inputs: list[str | os.PathLike], out: st
     encoder, mean, std = load_encoder(model_dir)
     c = encoder.config
     window, hop = _hop(encoder, hop_frames)
-    examples = _examples(list(inputs))
+    examples = read_inputs(list(inputs))
     # every file from its header before any is decoded (ssamba.data.check): an unusable one stops here, named
     unusable = check_splits({"input": examples}, skip_bad=skip_bad, log=None, hint="pass --skip-bad")["input"]
     usable = [(i, e) for i, e in enumerate(examples) if not unusable or header_problem(e.path) is None]
@@ -289,7 +277,7 @@ def embed(model_dir: str | os.PathLike, inputs: list[str | os.PathLike], out: st
             if pool == "none":
                 results[i] = stack[row, :, : encoder.num_special_tokens + c.grid[0] * t].contiguous()
                 continue
-            results[i] = _column_vectors(stack[row], encoder.num_special_tokens, c.grid[0], t)
+            results[i] = column_vectors(stack[row], encoder.num_special_tokens, c.grid[0], t)
             times[i] = column_times(t, c.tshape, c.tstride)
     for i in sorted(long):
         results[i], times[i] = embed_recording(encoder, examples[i].path, mean, std, hop_frames=hop,

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,76 +39,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba import features as feats
+from ssamba.data.augment import augment_batch
 from ssamba.data.check import check_splits
-from ssamba.data.datasets import AudioDataset
+from ssamba.data.datasets import AudioDataset, FeatureSet, MemoDataset
 from ssamba.data.manifest import Example, LabelSet, read_manifest
-from ssamba.models.heads import META_FILE, WeightedSumProbe, load_classifier, save_classifier
-from ssamba.models.io import load_pretrained
-from ssamba.models.registry import FAMILIES, create_model
+from ssamba.models.heads import WeightedSumProbe, load_classifier, save_classifier
+from ssamba.models.io import InitSource, load_pretrained, resolve_init
+from ssamba.models.registry import create_model, model_family
 from ssamba.tasks.metrics import confusion_matrix, markdown_table, plot_confusion, task_metrics
 from ssamba.tasks.recipes import FinetuneConfig
 from ssamba.train.engine import Engine
 
-__all__ = [
-    "META_FILE",
-    "InitSource",
-    "WeightedSumProbe",
-    "build_classifier",
-    "evaluate",
-    "finetune",
-    "load_classifier",
-    "resolve_init",
-    "save_classifier",
-]
-
+__all__ = ["build_classifier", "evaluate", "finetune"]
 
 
 # ------------------------------------------------------------------------------------------------- models
-
-
-@dataclass
-class InitSource:
-    """Where encoder weights come from. kind: "none", "folder" (save_pretrained) or "checkpoint"
-    (a pretraining checkpoint step folder); ``pretrain`` is the pretraining run's config when known."""
-
-    kind: str
-    path: Path | None = None
-    pretrain: dict | None = None
-
-    @property
-    def norm(self) -> tuple[float, float] | None:
-        """(mean, std) the encoder was pretrained with, when known."""
-        data = (self.pretrain or {}).get("data") or {}
-        return (data["mean"], data["std"]) if "mean" in data and "std" in data else None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def resolve_init(init: str | os.PathLike | None) -> InitSource:
-    """``none`` | pretraining run folder (RUN/final) | save_pretrained folder | RUN/checkpoints/step_N."""
-    if init is None or str(init) == "none":
-        return InitSource("none")
-    p = Path(init)
-    if (p / "final" / "config.json").exists():
-        return InitSource("folder", p / "final", _read_json(p / "config.json"))
-    meta = _read_json(p / "config.json")
-    if meta is not None and "family" in meta:
-        run_cfg = _read_json(p.parent / "config.json")  # RUN/final -> RUN/config.json
-        return InitSource("folder", p, run_cfg if run_cfg and "data" in run_cfg else None)
-    if (p / "state.json").exists() and (p / "tensors.safetensors").exists():
-        state = _read_json(p / "state.json") or {}
-        if "config" not in state or "model" not in state["config"]:
-            raise ValueError(f"{p}: a checkpoint without its run config; cannot rebuild the encoder")
-        return InitSource("checkpoint", p, state["config"])
-    raise FileNotFoundError(
-        f"--init {p}: not a pretraining run (RUN/final), a save_pretrained folder (config.json + "
-        "model.safetensors) or a checkpoint folder (state.json + tensors.safetensors)"
-    )
 
 
 def _encoder_overrides(cfg: FinetuneConfig, num_classes: int) -> dict:
@@ -140,85 +85,14 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, init: InitSource | N
         cls = type(source)
         encoder = cls(cls.config_class.from_dict({**source.config.to_dict(), **overrides}))
         encoder.load_adapted_state_dict(state, source.config)
-    family = cfg.model.name.split("_")[0]
-    if family in FAMILIES and encoder.family != family:
+    family = model_family(cfg.model.name)
+    if family is not None and encoder.family != family:
         raise ValueError(f"--model {cfg.model.name} is a {family} model but --init {init.path} holds a "
                          f"{encoder.family} encoder")  # fmt: skip
     return WeightedSumProbe(encoder, num_classes) if probe else encoder
 
 
-# ------------------------------------------------------------------------------------------- augmentation
-
-
-def _augment(x: Tensor, lengths: Tensor, y: Tensor, cfg: FinetuneConfig, pad_value: float,
-             gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Official training-time augmentation on a normalised fbank batch (B, T, F), in the official order.
-
-    mixup: with probability p an item is mixed with another item of the batch, lambda ~ Beta(10, 10), labels
-    mixed alike (official ``AudioDataset``: waveform mixing with a random dataset item; here fbank mixing with
-    a random batch item, so it needs no second decode). SpecAugment: one frequency and one time mask per
-    item of width U{0..m-1} (torchaudio ``FrequencyMasking`` / ``TimeMasking``), filled with what zero
-    becomes after normalisation (upstream masks before normalising). noise: + U(0,1)*U(0,1)/10, then roll
-    the time axis by U{-10..9} frames (official ``noise``).
-    """
-    a = cfg.augment
-    x, lengths, y = x.clone(), lengths.clone(), y.clone()
-    b, t, f = x.shape
-    if a.mixup > 0:
-        partner = torch.randint(0, b, (b,), generator=gen)
-        mix = torch.rand(b, generator=gen) < a.mixup
-        lam = _beta(b, gen)
-        lam = torch.where(mix, lam, torch.ones_like(lam))
-        x = lam[:, None, None] * x + (1 - lam[:, None, None]) * x[partner]
-        y = lam[:, None] * y + (1 - lam[:, None]) * y[partner]
-        lengths = torch.where(mix, torch.maximum(lengths, lengths[partner]), lengths)
-    for width, axis, size in ((a.freqm, 2, f), (a.timem, 1, t)):
-        if width <= 0:
-            continue
-        w = (torch.rand(b, generator=gen) * width).long()  # U{0..width-1}
-        start = (torch.rand(b, generator=gen) * (size - w + 1).float()).long()
-        pos = torch.arange(size)[None, :]
-        band = (pos >= start[:, None]) & (pos < (start + w)[:, None])  # (B, size)
-        x = x.masked_fill(band[:, None, :] if axis == 2 else band[:, :, None], pad_value)
-    if a.noise:
-        scale = torch.rand(b, 1, 1, generator=gen) / 10
-        x = x + torch.rand(x.shape, generator=gen) * scale
-        shifts = torch.randint(-10, 10, (b,), generator=gen).tolist()
-        x = torch.stack([torch.roll(row, s, dims=0) for row, s in zip(x, shifts, strict=True)])
-    return x, lengths, y
-
-
-def _beta(n: int, gen: torch.Generator, alpha: float = 10.0) -> Tensor:
-    """Beta(alpha, alpha) samples from the run's generator (ratio of Gamma variates via sums of
-    exponentials: alpha is an integer here, so Gamma(alpha) = sum of alpha Exp(1))."""
-    e = -torch.log(torch.rand(n, 2, int(alpha), generator=gen).clamp_min(1e-12)).sum(-1)
-    return e[:, 0] / e.sum(-1)
-
-
 # --------------------------------------------------------------------------------------------------- data
-
-
-class MemoDataset(AudioDataset):
-    """An AudioDataset whose decoded, normalised fbank is kept in a shared in-process memo keyed by
-    (file, target_length, mean, std), so several runs over the same clips (the comparison table, k folds,
-    a second epoch) compute each clip's fbank once. Labels are encoded per dataset, so tasks that share
-    audio (keywords / speakers) share features too. Memory: clips x target_length x 128 x 4 bytes."""
-
-    memo: dict = {}
-
-    def __getitem__(self, index: int) -> dict | None:
-        key = (str(self.examples[index].path), self.target_length, self.mean, self.std)
-        hit = self.memo.get(key)
-        if hit is None:
-            item = super().__getitem__(index)
-            if item is None:
-                return None
-            self.memo[key] = (item["features"], item["length"])
-            return item
-        item = {"index": index, "features": hit[0], "length": hit[1]}
-        if self.labels is not None:
-            item["labels"] = self.labels.encode(self.examples[index].labels)
-        return item
 
 
 def _dataset(source, labels: LabelSet, cfg: FinetuneConfig, mean: float, std: float) -> AudioDataset:
@@ -245,23 +119,6 @@ def _predict(model: nn.Module, loader, device) -> tuple[np.ndarray, np.ndarray]:
         targets.append(batch["labels"])
     model.train(was_training)
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
-
-
-class PooledSet(torch.utils.data.Dataset):
-    """A probe's cached per-layer vectors (N, L, C) and targets (N, Q), batched by the engine's sampler."""
-
-    def __init__(self, pooled: Tensor, targets: Tensor):
-        self.pooled, self.targets = pooled, targets
-
-    def __len__(self) -> int:
-        return len(self.pooled)
-
-    def __getitem__(self, index: int) -> int:
-        return index
-
-    def collate(self, rows: list[int]) -> dict:
-        rows = torch.tensor(rows)
-        return {"features": self.pooled[rows], "lengths": torch.ones(len(rows)), "labels": self.targets[rows]}
 
 
 _POOLED_MEMO: dict = {}
@@ -308,12 +165,10 @@ def _loss(logits: Tensor, targets: Tensor, kind: str) -> Tensor:
 
 
 def _lr_factor(cfg: FinetuneConfig, step: int, epochs_done: int) -> float:
-    """Warm-up (the pretraining loop's form of the official one: lr * step/warmup, updated every
-    warmup_every steps) times the per-epoch MultiStepLR decay (milestones lr_start, lr_start + lr_step, ...)."""
+    """The official warm-up (as in pretraining) times the per-epoch MultiStepLR decay (milestones lr_start,
+    lr_start + lr_step, ...)."""
     o = cfg.optim
-    factor = 1.0
-    if o.warmup_steps > 0 and step < o.warmup_steps:
-        factor = min(1.0, (step - step % o.warmup_every + o.warmup_every) / o.warmup_steps)
+    factor = o.warmup_factor(step)
     if o.lr_decay != 1.0 and epochs_done >= o.lr_start:
         factor *= o.lr_decay ** ((epochs_done - o.lr_start) // o.lr_step + 1)
     return factor
@@ -411,7 +266,7 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
         log(f"probe: cached per-layer vectors of {sum(len(v[0]) for v in cache.values())} clips in "
             f"{time.perf_counter() - tick:.1f} s")  # fmt: skip
     o = cfg.optim  # the head (and the probe's layer weights) at lr * head_lr, the official mlp_list
-    net = eng.prepare(model, PooledSet(*cache["train"]) if cached else train_set, min(bs, len(train_set)),
+    net = eng.prepare(model, FeatureSet(*cache["train"]) if cached else train_set, min(bs, len(train_set)),
                       cfg.train.grad_accum, 0 if cached else workers,
                       lambda name: o.head_lr if name.startswith("head.") or name == "layer_logits" else 1.0)
     sampler = eng.sampler
@@ -442,7 +297,7 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
         if cached:
             return _loss(model.forward_pooled(x.to(device)), y.to(device), cfg.task.loss), {}
         if augmenting:
-            x, lengths, y = _augment(x, lengths, y, cfg, train_set.pad_value, eng.gen)
+            x, lengths, y = augment_batch(x, lengths, y, eng.gen, **asdict(cfg.augment), pad_value=train_set.pad_value)
         return _loss(net(x.to(device), lengths.to(device)), y.to(device), cfg.task.loss), {}
 
     def step_fn(step: int):

@@ -19,17 +19,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-__all__ = [
-    "accuracy",
-    "average_precision",
-    "confusion_matrix",
-    "d_prime",
-    "markdown_table",
-    "mean_average_precision",
-    "plot_confusion",
-    "roc_auc",
-    "task_metrics",
-]
+__all__ = ["accuracy", "average_precision", "confusion_matrix", "d_prime", "edit_distance", "error_rates",
+           "markdown_table", "mean_average_precision", "plot_confusion", "roc_auc", "task_metrics"]
 
 
 def _as_indices(targets) -> np.ndarray:
@@ -121,6 +112,30 @@ def task_metrics(scores, targets, multilabel: bool) -> dict:
             out["auc"] = float(np.mean(aucs)) if aucs else float("nan")
             out["d_prime"] = d_prime(out["auc"]) if aucs else float("nan")
     return out
+
+
+def edit_distance(ref: Sequence, hyp: Sequence) -> int:
+    """Levenshtein distance (substitutions, insertions, deletions all cost 1)."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> dict:
+    """Corpus CER and WER: total edits / total reference characters (words)."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    ce = cn = we = wn = 0
+    for r, h in zip(refs, hyps, strict=True):
+        ce += edit_distance(r, h)
+        cn += len(r)
+        we += edit_distance(r.split(), h.split())
+        wn += len(r.split())
+    return {"cer": ce / max(cn, 1), "wer": we / max(wn, 1), "chars": cn, "words": wn}
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], floatfmt: str = ".3f") -> str:

@@ -16,20 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ssamba.train.config import DataSection, LogSection, OptimSection, RunConfig, TrainSection
+from ssamba.train.config import DataSection, LogSection, ModelSection, RunConfig, SpectrogramOptimSection, TrainSection
 
 __all__ = ["TASKS", "FinetuneConfig", "task_recipe"]
 
 
 @dataclass
-class FTModelSection:
-    # registry name (ssamba.list_models()); must match the family of --init when one is given
-    name: str = "ssamba_tiny"
+class FTModelSection(ModelSection):
+    # (name: must match the family of --init when one is given; overrides apply to load_pretrained too)
     # "none" (random init), a pretraining run folder (uses RUN/final), a save_pretrained folder, or a
     # pretraining checkpoint folder RUN/checkpoints/step_N
     init: str = "none"
-    # config overrides for create_model / load_pretrained (e.g. {depth = 2}, {drop_path_rate = 0.0})
-    overrides: dict = field(default_factory=dict)
     # fine-tuning patch stride (official: 10 with 16x16 patches, overlapping); 0 = keep the encoder's own
     fstride: int = 0
     tstride: int = 0
@@ -82,15 +79,12 @@ class FTAugmentSection:
 
 
 @dataclass
-class FTOptimSection(OptimSection):
+class FTOptimSection(SpectrogramOptimSection):
     # "adam" (official run.py: Adam, wd 5e-7, betas (0.95, 0.999)) or "adamw"
     name: str = "adam"
     weight_decay: float = 5e-7
-    betas: tuple = (0.95, 0.999)
     # learning-rate multiplier of the classification head (official head_lr)
     head_lr: float = 1.0
-    # official warm-up: lr = step / warmup_steps * lr, updated every warmup_every steps (0 = off)
-    warmup_every: int = 50
     # MultiStepLR per epoch: lr *= decay at epochs start, start + step, ... (official lrscheduler_*)
     lr_start: int = 5
     lr_step: int = 1
@@ -139,21 +133,17 @@ class FinetuneConfig(RunConfig):
             raise ValueError("train.epochs or train.steps must be positive")
         if not 0.0 <= self.augment.mixup <= 1.0:
             raise ValueError(f"augment.mixup is a probability, got {self.augment.mixup}")
-        from ssamba.models import check_overrides, model_family
-
-        if model_family(self.model.name) not in ("ssamba", "ssast"):
-            raise ValueError(f"model.name: {self.model.name} is not a spectrogram encoder (SSAMBA or SSAST); "
-                             "HuBERT models fine-tune with `ssamba hubert finetune` (CTC)")
-        self.model.overrides = check_overrides(self.model.name, self.model.overrides)
+        self.model.check("fine-tune with `ssamba hubert finetune` (CTC)")
 
 
 # ------------------------------------------------------------------------------------------------ presets
 
 
-def _speech_commands(cfg: FinetuneConfig) -> None:
-    # SSAST speechcommands_v2_35/run_sc.sh and SSAMBA speechcommands_v2/run_sc.sh: lr 2.5e-4, freqm 48,
-    # timem 48, mixup 0.6, 30 epochs, batch 128, 16x16 patches with fstride = tstride = 10, target_length
-    # 128, noise, warm-up, MultiStepLR from epoch 5 by 0.85, head_lr 1, loss BCE, metric acc.
+def kws(cfg: FinetuneConfig) -> None:
+    """Keyword spotting, Speech Commands v2 35 classes (SSAST speechcommands_v2_35/run_sc.sh and SSAMBA
+    speechcommands_v2/run_sc.sh: lr 2.5e-4, freqm 48, timem 48, mixup 0.6, 30 epochs, batch 128, 16x16 patches
+    with fstride = tstride = 10, target_length 128, noise, warm-up, MultiStepLR from epoch 5 by 0.85, head_lr 1,
+    loss BCE, metric acc)."""
     d, a, o, t = cfg.data, cfg.augment, cfg.optim, cfg.train
     d.target_length, d.mean, d.std = 128, -6.845978, 5.5654526
     a.freqm, a.timem, a.mixup, a.noise = 48, 48, 0.6, True
@@ -164,15 +154,10 @@ def _speech_commands(cfg: FinetuneConfig) -> None:
     cfg.task.loss, cfg.task.metric = "bce", "acc"
 
 
-def kws(cfg: FinetuneConfig) -> None:
-    """Keyword spotting, Speech Commands v2 35 classes (the official SSAST / SSAMBA fine-tuning recipe)."""
-    _speech_commands(cfg)
-
-
 def kws12(cfg: FinetuneConfig) -> None:
     """Keyword spotting, Speech Commands v1 12 classes (SUPERB KS; the official patch-model recipe of v2
     applied to v1, as SSAMBA's speechcommands_v1 scripts do)."""
-    _speech_commands(cfg)
+    kws(cfg)
 
 
 def esc(cfg: FinetuneConfig) -> None:

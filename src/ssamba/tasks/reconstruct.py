@@ -19,13 +19,7 @@ from ssamba import features as feats
 from ssamba.data.waveform import WaveformSet
 from ssamba.models.heads import ReconstructionHead
 from ssamba.tasks.ctc import FinetuneSection, HeadRunConfig, hubert_encoder
-from ssamba.train.hubert import (
-    HuBERTOptimSection,
-    hubert_engine,
-    lr_at,
-    mask_generator,
-    prepare,
-)
+from ssamba.train.hubert import HuBERTOptimSection, hubert_engine, lr_at, mask_generator, prepare
 
 __all__ = ["ReconstructConfig", "reconstruct"]
 
@@ -44,7 +38,7 @@ class ReconSection:
 
 @dataclass
 class ReconstructConfig(HeadRunConfig):
-    finetune: FinetuneSection = field(default_factory=lambda: FinetuneSection(freeze_encoder=True, mask_prob=0.0))
+    finetune: FinetuneSection = field(default_factory=lambda: FinetuneSection(freeze_encoder=True))
     optim: HuBERTOptimSection = field(
         default_factory=lambda: HuBERTOptimSection(lr=1e-3, weight_decay=0.0, warmup_steps=20))
     recon: ReconSection = field(default_factory=ReconSection)
@@ -80,8 +74,8 @@ def reconstruct(cfg: ReconstructConfig, run: str | Path, resume: bool = False) -
 
     def step_fn(step: int):
         eng.set_lr(lr_at(step, cfg.optim, cfg.train.steps))
-        return eng.accumulate(lambda batch, a: (batch_loss(eng.model, batch, mask_generator(
-            cfg.train.seed, step, eng.ddp.rank, a))[0], {}), cfg.train.grad_accum)  # fmt: skip
+        return eng.accumulate(lambda batch, a: (batch_loss(eng.model, batch, mask_generator(eng, step, a))[0], {}),
+                              cfg.train.grad_accum)
 
     @torch.no_grad()
     def evaluate(manifest: str) -> dict:

@@ -17,22 +17,17 @@ Glossary: B waveforms, T samples, Tf fbank frames, Fg patch rows, Tg patch colum
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ssamba import features as feats
 from ssamba.audio import SAMPLE_RATE
-from ssamba.models.io import load_pretrained
 from ssamba.models.spectrogram import SpectrogramEncoder
-from ssamba.nn.layers import lengths_to_mask
+from ssamba.tasks.embed import FRAME_LENGTH, FRAME_SHIFT, column_vectors, load_encoder
 
 __all__ = ["UpstreamExpert"]
-
-HOP = 160  # fbank frame shift in samples at 16 kHz (10 ms)
 
 
 class UpstreamExpert(nn.Module):
@@ -48,24 +43,8 @@ class UpstreamExpert(nn.Module):
             raise ValueError("give exactly one of ckpt (a model folder) or model")
         known_mean, known_std = feats.AUDIOSET_LIBRISPEECH_MEAN, feats.AUDIOSET_LIBRISPEECH_STD
         if model is None:
-            from ssamba.tasks.finetune import META_FILE, resolve_init
-
-            path = Path(ckpt)
-            if (path / "best" / META_FILE).exists():
-                path = path / "best"
-            meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else None
-            if meta is not None:  # a fine-tuned model: its own normalisation
-                known_mean, known_std = meta["mean"], meta["std"]
-                source = path
-            else:
-                init = resolve_init(path)
-                if init.kind != "folder":
-                    raise ValueError(f"{ckpt}: the upstream needs a model folder, not a {init.kind}")
-                source = init.path
-                if init.norm is not None:
-                    known_mean, known_std = init.norm
             overrides = {"num_classes": 0, **({"input_tdim": input_tdim} if input_tdim else {}), **kwargs}
-            model = load_pretrained(source, **overrides)
+            model, known_mean, known_std = load_encoder(ckpt, **overrides)
         if getattr(model, "input_kind", "fbank") != "fbank":
             raise ValueError("UpstreamExpert wraps spectrogram encoders (input_kind 'fbank')")
         self.model = model.eval()
@@ -74,7 +53,7 @@ class UpstreamExpert(nn.Module):
 
     def get_downsample_rates(self, key: str = "hidden_states") -> int:
         """Input samples per output frame: 10 ms fbank hop x tstride."""
-        return HOP * self.model.config.tstride
+        return FRAME_SHIFT * self.model.config.tstride
 
     def _fbank(self, wav: Tensor) -> Tensor:
         if wav.dim() != 1:
@@ -93,24 +72,18 @@ class UpstreamExpert(nn.Module):
         lengths = torch.tensor([f.shape[0] for f in fbanks])
         c = self.model.config
         if int(lengths.min()) < c.tshape:
-            shortest = (c.tshape - 1) * HOP + 400
+            shortest = (c.tshape - 1) * FRAME_SHIFT + FRAME_LENGTH
             raise ValueError(f"a waveform gives {int(lengths.min())} fbank frames, fewer than one patch "
                              f"({c.tshape}); the shortest accepted is {shortest} samples")
         x = torch.zeros(len(wavs), int(lengths.max()), c.input_fdim)
         for row, f in zip(x, fbanks, strict=True):
             row[: f.shape[0]] = f
         hidden, token_lengths = self.model.extract_features(x.to(device), lengths.to(device))
-        s = self.model.num_special_tokens
-        f_grid = c.grid[0]
+        s, f_grid = self.model.num_special_tokens, c.grid[0]
         columns = (token_lengths - s) // f_grid  # (B,) valid time columns
-        t_max = int(columns.max())
-        frames = []
-        for h in hidden:  # (B, K, C) -> (B, Tg_max, C): mean over the Fg rows of each column
-            out = h.new_zeros(h.shape[0], t_max, h.shape[-1])
-            for b, t in enumerate(columns.tolist()):
-                patches = h[b, s : s + f_grid * t]  # frequency-major: row r holds columns r*t .. r*t+t-1
-                out[b, :t] = patches.view(f_grid, t, -1).mean(0)
-            frames.append(out)
-        mask = lengths_to_mask(columns, t_max)[..., None]
-        frames = [f * mask for f in frames]
+        stack = torch.stack(hidden, dim=1)  # (B, L, K, C)
+        out = stack.new_zeros(len(hidden), len(wavs), int(columns.max()), stack.shape[-1])  # (L, B, Tg_max, C)
+        for b, t in enumerate(columns.tolist()):  # the mean over the Fg rows of each time column
+            out[:, b, :t] = column_vectors(stack[b], s, f_grid, t)
+        frames = list(out.unbind(0))
         return {"hidden_states": frames, "last_hidden_state": frames[-1], "lengths": columns}

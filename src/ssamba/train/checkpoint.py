@@ -22,16 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = [
-    "catch_stop_signals",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "optimizer_state",
-    "restore_optimizer",
-    "restore_rng",
-    "rng_state",
-    "save_checkpoint",
-]
+__all__ = ["catch_stop_signals", "latest_checkpoint", "load_checkpoint", "optimizer_state", "restore_optimizer",
+           "restore_rng", "rng_state", "save_checkpoint"]
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 

@@ -1,26 +1,19 @@
-"""Pretraining configuration: one commented dataclass per section, recipe presets, TOML files, ``a.b=value``
-overrides. Precedence: recipe preset (by model family) < config file < ``--set`` < explicit CLI flags.
-Unknown keys are errors naming the key."""
+"""The one config system of every run: ``RunConfig`` and the sections every run shares (one commented dataclass
+per section), the pretraining config and its recipe presets. Files (TOML / YAML / JSON, ``load_config``) and
+``--set section.key=value`` flags (``apply_overrides``) merge into a config with typed values through
+``ssamba.fields``; unknown keys are errors naming the key. Precedence: recipe preset (by model family) < config
+file < ``--set`` < explicit CLI flags."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ssamba.fields import coerce, field_types, parse_text, typed_fields
+from ssamba.fields import apply_overrides, load_config, merge_sections
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser as a package
-    import tomli as tomllib
-
-__all__ = ["DataSection", "LogSection", "OptimSection", "PretrainConfig", "RunConfig", "TrainSection",
-           "apply_overrides", "load_config", "merge_sections", "recipe"]
+__all__ = ["DataSection", "LogSection", "ModelSection", "OptimSection", "PretrainConfig", "RunConfig",
+           "SpectrogramOptimSection", "TrainSection", "apply_overrides", "load_config", "merge_sections", "recipe"]
 
 
 # ------------------------------------------------------------------ the sections every run has (extended per task)
@@ -90,10 +83,22 @@ class LogSection:
 
 @dataclass
 class ModelSection:
+    """A spectrogram encoder (SSAMBA or SSAST) of the registry: pretraining's and fine-tuning's ``model``."""
+
     # registry name (ssamba.list_models()): ssamba_tiny, ssast_tiny, ...
     name: str = "ssamba_tiny"
     # config overrides for create_model (e.g. {depth = 4}); input_tdim defaults to data.target_length
     overrides: dict = field(default_factory=dict)
+
+    def check(self, hubert_command: str) -> None:
+        """A spectrogram family and overrides its config knows (typed in place); ``hubert_command`` is what a
+        HuBERT model runs instead."""
+        from ssamba.models import check_overrides, model_family
+
+        if model_family(self.name) not in ("ssamba", "ssast"):
+            raise ValueError(f"model.name: {self.name} is not a spectrogram encoder (SSAMBA or SSAST); "
+                             f"HuBERT models {hubert_command}")
+        self.overrides = check_overrides(self.name, self.overrides)
 
 
 @dataclass
@@ -124,12 +129,25 @@ class MaskSection:
 
 
 @dataclass
-class PretrainOptimSection(OptimSection):
+class SpectrogramOptimSection(OptimSection):
+    """The official SSAST / SSAMBA optimiser of pretraining and fine-tuning (run.py, traintest*.py): betas
+    (0.95, 0.999) and the warm-up lr = step / warmup_steps * lr, updated every warmup_every steps."""
+
+    betas: tuple = (0.95, 0.999)
+    warmup_every: int = 50
+
+    def warmup_factor(self, step: int) -> float:
+        """The warm-up's factor of ``lr`` after ``step`` updates (1 once warm-up is over or off)."""
+        if step >= self.warmup_steps:
+            return 1.0
+        return min(1.0, (step - step % self.warmup_every + self.warmup_every) / self.warmup_steps)
+
+
+@dataclass
+class PretrainOptimSection(SpectrogramOptimSection):
     # SSAMBA: AdamW, wd 5e-8; SSAST: Adam, wd 5e-7 (recipe); the official code sets lr = step/1000 * lr every 50 steps
     weight_decay: float = 5e-8
-    betas: tuple = (0.95, 0.999)
     warmup_steps: int = 1000
-    warmup_every: int = 50
     # ReduceLROnPlateau on validation masked accuracy (official factor 0.5, patience 2 validations)
     plateau_factor: float = 0.5
     plateau_patience: int = 2
@@ -190,12 +208,7 @@ class PretrainConfig(RunConfig):
             raise ValueError(f"mask.kind must be auto, cluster or frame, got {self.mask.kind!r}")
         if self.mask.nce_orientation not in ("official", "paper"):
             raise ValueError(f"mask.nce_orientation must be official or paper, got {self.mask.nce_orientation!r}")
-        from ssamba.models import check_overrides, model_family
-
-        if model_family(self.model.name) not in ("ssamba", "ssast"):
-            raise ValueError(f"model.name: {self.model.name} is not a spectrogram encoder (SSAMBA or SSAST); "
-                             "HuBERT models pretrain with `ssamba hubert pretrain`")
-        self.model.overrides = check_overrides(self.model.name, self.model.overrides)
+        self.model.check("pretrain with `ssamba hubert pretrain`")
 
 
 def recipe(model_name: str) -> PretrainConfig:
@@ -206,76 +219,3 @@ def recipe(model_name: str) -> PretrainConfig:
     if model_name.startswith("ssast"):
         cfg.optim.name, cfg.optim.weight_decay, cfg.train.batch_size = "adam", 5e-7, 24
     return cfg
-
-
-def merge_sections(cfg: Any, values: dict[str, Any], source: str) -> None:
-    """Merge ``{"section": {"key": value}}`` into a sectioned config dataclass (pretraining, fine-tuning and
-    HuBERT configs alike) and validate it. Every value is converted to its field's type (``ssamba.fields``);
-    unknown sections / keys and wrong types raise a ValueError naming them and ``source``. All or nothing:
-    after an error the config is unchanged."""
-    before = copy.deepcopy(cfg.__dict__)
-    try:
-        sections = field_types(type(cfg))
-        for section, entries in values.items():
-            if section not in sections:
-                raise ValueError(f"unknown config section {section!r}; known: {', '.join(sorted(sections))}")
-            if not dataclasses.is_dataclass(sections[section]):  # a top-level key (e.g. HuBERT's test)
-                setattr(cfg, section, coerce(entries, sections[section], section))
-                continue
-            if not isinstance(entries, dict):
-                raise ValueError(f"[{section}] must be a table of keys, got {entries!r}")
-            target = getattr(cfg, section)
-            for key, value in typed_fields(type(target), entries, section).items():
-                setattr(target, key, value)
-        cfg.validate()
-    except ValueError as e:
-        cfg.__dict__.update(before)
-        raise ValueError(f"{source}: {e}") from None
-
-
-def apply_overrides(cfg: Any, pairs: list[str]) -> None:
-    """``--set section.key=value`` on any sectioned config, the text parsed for the field's type (TOML or JSON
-    values; a string field takes the text as written); ``model.overrides.depth=2`` sets one model override,
-    checked against the model's config by ``validate``. Errors name the flag, the key and the expected type."""
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        parts = key.strip().split(".")
-        source = f"--set {pair}"
-        if not sep or len(parts) < 2 or not all(parts):
-            raise ValueError(f"{source}: expected section.key=value")
-        section, name, *rest = parts
-        sections = field_types(type(cfg))
-        if section not in sections or not dataclasses.is_dataclass(sections[section]):
-            raise ValueError(f"{source}: unknown config section {section!r}; known: "
-                             f"{', '.join(s for s, t in sections.items() if dataclasses.is_dataclass(t))}")
-        fields = field_types(sections[section])
-        if name in fields and rest and (fields[name] is not dict or len(rest) != 1):
-            raise ValueError(f"{source}: {section}.{name} is not a table, so {key.strip()} does not exist")
-        if name in fields and rest:  # one entry of a table, e.g. model.overrides.depth: typed in validate
-            value = {**getattr(getattr(cfg, section), name), rest[0]: parse_text(text)}
-        else:  # (an unknown key is named, with the known ones, by merge_sections)
-            value = parse_text(text, fields.get(name, Any))
-        merge_sections(cfg, {section: {name: value}}, source)
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    """A TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``, e.g. a run's saved config.json) file as a
-    dict of sections. A malformed file is a ValueError naming it."""
-    path = Path(path)
-    text = path.read_text()
-    suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        import yaml  # only YAML configs need it
-
-        try:
-            values = yaml.safe_load(text) or {}  # safe_load: plain data, never Python objects
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: cannot read the config: {e}") from e
-    else:
-        try:
-            values = json.loads(text) if suffix == ".json" else tomllib.loads(text)
-        except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-            raise ValueError(f"{path}: cannot read the config: {e}") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config file holds sections (a mapping), got {type(values).__name__}")
-    return values

@@ -49,12 +49,7 @@ from ssamba.train.distributed import setup_distributed
 from ssamba.train.guard import NonFiniteGuard
 from ssamba.train.logging import MetricsLog
 
-__all__ = ["Engine", "check_data", "device_kind", "make_optimizer"]
-
-
-def device_kind(device: str) -> str:
-    """``train.device``: "auto" is CUDA when available."""
-    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["Engine", "check_data", "make_optimizer"]
 
 
 def check_data(splits: dict, skip_bad: bool, log=None) -> None:
@@ -90,7 +85,7 @@ class Engine:
     def __init__(self, run: str | os.PathLike, cfg: Any, resume: bool = False):
         self.run, self.cfg = Path(run), cfg
         t = cfg.train
-        kind = device_kind(t.device)
+        kind = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.ddp = setup_distributed(kind)
         self.device = torch.device(f"cuda:{self.ddp.local_rank}" if kind == "cuda" else "cpu")
         self.ckpt_dir = self.run / "checkpoints"

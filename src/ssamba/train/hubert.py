@@ -27,7 +27,7 @@ from ssamba.train.config import DataSection, LogSection, OptimSection, RunConfig
 from ssamba.train.engine import Engine, check_data
 
 __all__ = ["HuBERTDataSection", "HuBERTModelSection", "HuBERTOptimSection", "HuBERTPretrainConfig", "HuBERTRun",
-           "hubert_engine", "lr_at", "mask_generator", "prepare", "pretrain_hubert"]
+           "SpanMaskSection", "hubert_engine", "lr_at", "mask_generator", "prepare", "pretrain_hubert"]
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -53,8 +53,9 @@ class HuBERTDataSection(DataSection):
 
 
 @dataclass
-class MaskSection:
-    # HuBERT: mask_prob 0.8, span 10 frames (200 ms), overlapping spans, equal masked count per batch
+class SpanMaskSection:
+    # span masks of the input frames: HuBERT's mask_prob 0.8, span 10 frames (200 ms), overlapping spans, at least
+    # min_masks spans per item (pretraining: an equal masked count per batch)
     prob: float = 0.8
     span: int = 10
     min_masks: int = 2
@@ -85,9 +86,16 @@ class HuBERTOptimSection(OptimSection):
     final_lr_scale: float = 0.0
 
 
+@dataclass
 class HuBERTRun(RunConfig):
-    """Validation shared by the HuBERT-family run configs (pretraining here, CTC and reconstruction in
-    ``ssamba.tasks``): the encoder, size and overrides build a model config."""
+    """The sections every HuBERT-family run config has (pretraining here, CTC and reconstruction in
+    ``ssamba.tasks``) and their validation: the encoder, size and overrides build a model config."""
+
+    model: HuBERTModelSection = field(default_factory=HuBERTModelSection)
+    data: HuBERTDataSection = field(default_factory=HuBERTDataSection)
+    optim: HuBERTOptimSection = field(default_factory=HuBERTOptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def validate(self) -> None:
         super().validate()
@@ -104,13 +112,8 @@ class HuBERTRun(RunConfig):
 
 @dataclass
 class HuBERTPretrainConfig(HuBERTRun):
-    model: HuBERTModelSection = field(default_factory=HuBERTModelSection)
-    data: HuBERTDataSection = field(default_factory=HuBERTDataSection)
-    mask: MaskSection = field(default_factory=MaskSection)
+    mask: SpanMaskSection = field(default_factory=SpanMaskSection)
     loss: LossSection = field(default_factory=LossSection)
-    optim: HuBERTOptimSection = field(default_factory=HuBERTOptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    log: LogSection = field(default_factory=LogSection)
 
 
 # ----------------------------------------------------------------------------------------------------- step
@@ -124,12 +127,12 @@ def lr_at(step: int, o: HuBERTOptimSection, total: int) -> float:
     return o.lr * (1.0 - (1.0 - o.final_lr_scale) * min(frac, 1.0))
 
 
-def mask_generator(seed: int, step: int, rank: int, micro: int, world: int | None = None) -> torch.Generator:
-    """Seeded by the global micro-batch index ``micro * world + rank`` (the sampler's order), so that one
-    process with grad_accum = W and W processes draw the same masks for the same items."""
-    if world is None:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10007 + micro * world + rank)
+def mask_generator(eng: Engine, step: int, micro: int) -> torch.Generator:
+    """The generator of micro-batch ``micro`` of ``step``, seeded by train.seed, the step and the global micro-batch
+    index ``micro * world + rank`` (the sampler's order), so that one process with grad_accum = W and W processes
+    draw the same masks for the same items."""
+    seed, ddp = eng.cfg.train.seed, eng.ddp
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10007 + micro * ddp.world + ddp.rank)
 
 
 def hubert_engine(cfg: HuBERTRun, run: str | Path, resume: bool, test: str = "") -> Engine:
@@ -186,7 +189,7 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
 
     def micro(step: int):
         def fn(batch: dict, a: int):
-            out = forward(eng.model, batch, mask_generator(cfg.train.seed, step, eng.ddp.rank, a))
+            out = forward(eng.model, batch, mask_generator(eng, step, a))
             return out.loss, {"loss_m": out.loss_m, "loss_u": out.loss_u, "acc_m": out.acc_m, "acc_u": out.acc_u,
                               "feature_pen": out.feature_pen}
         return fn
@@ -228,9 +231,8 @@ def pretrain_hubert(cfg: HuBERTPretrainConfig, run: str | Path, resume: bool = F
             "command": f"ssamba hubert pretrain --train {cfg.data.train} --labels {cfg.data.labels} --out {run} "
                        f"--config {run / 'config.json'}", "config": cfg.to_dict(),
             "metrics": {f"valid {k}": v for k, v in result["valid"].items()}})
-        save_file({"final_proj.weight": objective.final_proj.weight.detach().contiguous(),
-                   "final_proj.bias": objective.final_proj.bias.detach().contiguous(),
-                   "label_embs": objective.label_embs.detach().contiguous()}, str(final / "hubert_heads.safetensors"))
+        heads = {k: v.detach().contiguous() for k, v in objective.state_dict().items() if not k.startswith("model.")}
+        save_file(heads, str(final / "hubert_heads.safetensors"))  # final_proj, label_embs: all but the encoder
         result["final"] = str(final)
     return result
 

@@ -35,17 +35,14 @@ def _patch_counts(lengths: torch.Tensor, cfg: PretrainConfig, encoder) -> tuple[
     return t_cols * c.grid[0], t_cols
 
 
-def _mask(n: torch.Tensor, t_cols: torch.Tensor, m: int, frame: bool, gen: torch.Generator) -> torch.Tensor:
-    """(B, M) mask indices: random frames for frame tokens, official clusters for patches."""
-    return frame_mask(n, m, gen) if frame else cluster_patch_mask(n, t_cols, m, gen)
-
-
-def _draw_masks(n: torch.Tensor, t_cols: torch.Tensor, cfg: PretrainConfig, frame: bool,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Masks for a whole (global) batch: (B, M) for mpc, (B, M) or None (single pass) for mpg."""
+def _draw_masks(n: torch.Tensor, t_cols: torch.Tensor, cfg: PretrainConfig, frame: bool, gen: torch.Generator,
+                two_pass: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Masks for a whole (global) batch, random frames for frame tokens, official clusters for patches: (B, M)
+    mask indices for mpc, and for mpg (B, M) or None (single pass); M masked patches."""
     m = mask_count(int(n.min()), cfg.mask.mask_patch, cfg.mask.reference_patches)
-    mpc = _mask(n, t_cols, m, frame, gen)
-    return mpc, (_mask(n, t_cols, m, frame, gen) if cfg.mask.two_pass else None), m
+    draw = lambda: frame_mask(n, m, gen) if frame else cluster_patch_mask(n, t_cols, m, gen)
+    mpc = draw()
+    return mpc, (draw() if two_pass else None), m
 
 
 @torch.no_grad()
@@ -62,8 +59,7 @@ def validate(objective: MaskedPatchPretraining, loader, cfg: PretrainConfig, fra
         if batch["lengths"].numel() == 0:  # every item of the batch left out by data.skip_bad
             continue
         n, t_cols = _patch_counts(batch["lengths"], cfg, objective.encoder)
-        m = mask_count(int(n.min()), cfg.mask.mask_patch, cfg.mask.reference_patches)
-        mpc_mask, mpg_mask = _mask(n, t_cols, m, frame, gen), _mask(n, t_cols, m, frame, gen)
+        mpc_mask, mpg_mask, m = _draw_masks(n, t_cols, cfg, frame, gen, two_pass=True)
         x = batch["features"].to(device)
         lengths = batch["lengths"].to(device) if cfg.data.use_lengths else None
         with autocast():
@@ -113,7 +109,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
         # learning rate warm-up (official: lr = step/warmup * lr, updated every `warmup_every` steps; it
         # overrides a plateau reduction made during warm-up, as upstream)
         if step < o.warmup_steps and step % o.warmup_every == 0:
-            eng.set_lr(o.lr * min(1.0, (step + o.warmup_every) / o.warmup_steps))
+            eng.set_lr(o.lr * o.warmup_factor(step))
         micro = [eng.next_batch() for _ in range(cfg.train.grad_accum)]  # this process's share of the batch
 
         # masks for the whole global batch (identical in every process). Each process sends its
@@ -131,7 +127,7 @@ def pretrain(cfg: PretrainConfig, run: str | Path, resume: bool = False) -> dict
         if total == 0:
             return None
         n, t_cols = _patch_counts(slots[present], cfg, encoder)  # (B_usable,)
-        mpc_all, mpg_all, m = _draw_masks(n, t_cols, cfg, frame, mask_gen)
+        mpc_all, mpg_all, m = _draw_masks(n, t_cols, cfg, frame, mask_gen, cfg.mask.two_pass)
 
         sums = torch.zeros(4, dtype=torch.float64)  # loss, nce, mse, acc
         for a, batch in enumerate(micro):
