@@ -46,7 +46,8 @@ def test_demo_end_to_end_at_a_tiny_budget(tmp_path, monkeypatch, capsys):
         (t, "ssamba_tiny", "finetune") for t in plan.finetune_tasks}
     table = _section(report, "Downstream: pretrained vs scratch")
     for c in cells:
-        assert len(c["pretrained"]) == len(c["scratch"]) == len(plan.seeds)
+        assert len(c["pretrained"]) == len(c["scratch"]) == len(plan.seeds if c["mode"] == "probe"
+                                                               else plan.finetune_seeds)
         assert c["beyond_spread"] == (min(c["pretrained"]) > max(c["scratch"]))
         mean = sum(c["pretrained"]) / len(c["pretrained"])
         assert f"| {c['model']} | {c['mode']} | {mean:.3f} (" in table
@@ -110,6 +111,11 @@ def test_budget_plan():
     assert max(plan.bench_frames) // 2 >= 16384  # the efficiency curve reaches 16k tokens
     assert len(plan.seeds) >= 2  # every claimed comparison has a seed spread
     assert demo.make_plan(1).shrunk
+    # keywords fine-tuned end to end from 30 minutes on, the 20-minute plan's counts kept (one seed: not a claim)
+    more = demo.make_plan(30)
+    assert plan.finetune_tasks == () and more.finetune_tasks == ("kws",) and len(more.finetune_seeds) == 1
+    assert (more.pretrain_steps, more.hubert_steps, more.ctc_steps) == (plan.pretrain_steps, plan.hubert_steps,
+                                                                        plan.ctc_steps)
     with pytest.raises(ValueError, match="budget"):
         demo.make_plan(0)
 
