@@ -153,8 +153,10 @@ def test_summary_verdicts_follow_the_figures():
     assert [c["verdict"] for c in good["claims"]] == [
         "holds against the published attention; against SDPA faster from 4096 tokens", "holds", "holds", "holds",
         "holds"]
-    bad = demo._summary(_facts(["kws"], [0.6, 0.75], [0.7, 0.72], 0.65, 1.0), ctx, 100.0, [])
-    assert [c["verdict"] for c in bad["claims"]][1:] == ["does not hold at demo scale"] * 3 + [
+    # HuBERT: better on average but the seeds overlap (0.675 vs 0.71); the Conformer worse than CTC alone on average
+    bad = demo._summary(_facts(["kws"], [0.6, 0.75], [0.7, 0.72], 0.70, 1.0), ctx, 100.0, [])
+    assert [c["verdict"] for c in bad["claims"]][1:] == [
+        "does not hold at demo scale", "points the claimed way, within the seed spread", "does not hold at demo scale",
         "not resolved at demo scale (within 2 seed std)"]
     checks = "\n".join(demo._checks(bad))
     assert "| 1 of 3 | ≥ 2 (not met) |" in checks and "| ≥ 5× (met) |" in checks
