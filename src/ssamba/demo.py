@@ -116,12 +116,13 @@ def make_plan(budget_minutes: float) -> Plan:
     # Keyword spotting needs fine-tuning end to end (frozen features stay near chance, as a linear classifier on
     # the log-mel itself reaches only 0.26): 300 steps of 16 clips reach test accuracy 0.39 (14x chance) from the
     # pretrained encoder and 0.15 from scratch, about 6 minutes of one core per cell (RESULTS.md), which do not fit
-    # in 20 minutes. From 30 minutes on, 10 of them fine-tune keywords (pretrained and scratch, one seed) and the
-    # rest scale every count.
-    if b < 30:
+    # in 20 minutes. Both cells run in the main lane after the probes (~12.5 minutes of its one core beside the
+    # 20-minute plan's ~16.5), so from 35 minutes on, 15 of them fine-tune keywords (pretrained and scratch, one
+    # seed) and the rest scale every count.
+    if b < 35:
         return Plan(b, {}, pretrain_steps=round(250 * b / 20), finetune_tasks=(), hubert_steps=round(900 * b / 20),
                     ctc_steps=round(400 * b / 20))
-    s = (b - 10) / 20
+    s = (b - 15) / 20
     return Plan(b, {}, pretrain_steps=round(250 * s), finetune_steps=round(300 * s), finetune_seeds=(0,),
                 hubert_steps=round(900 * s), ctc_steps=round(400 * s))
 
@@ -477,7 +478,7 @@ def _downstream_stage(ctx: Context) -> str:
           f"{'s' if len(p.finetune_seeds) > 1 else ''} {', '.join(map(str, p.finetune_seeds))}"
           if p.finetune_tasks else "")
     kws_note = ("" if "kws" in p.finetune_tasks else " Keywords need fine-tuning end to end at this pretraining scale "
-                "(frozen features stay near chance); those cells run from `--budget-minutes 30` (about 6 minutes of "
+                "(frozen features stay near chance); those cells run from `--budget-minutes 35` (about 6 minutes of "
                 "one core each).")
     data = "; ".join(_labelled(ctx, task) for task in DOWNSTREAM_TASKS)
     return ("**Regime: few labels, frozen features.** The comparison is made where self-supervision is known to pay: "
@@ -1118,7 +1119,7 @@ def _report(record: dict, ctx: Context, summary: dict) -> str:
               "This run's figures against the bars of issue 20 (what it takes for each part to show its use at demo "
               "scale):", "", *_checks(summary), ""]
     tuned = (f"fine-tuning ({', '.join(p.finetune_tasks)}) {p.finetune_steps} steps" if p.finetune_tasks else
-             "no end-to-end fine-tuning (from 30 minutes on)")
+             "no end-to-end fine-tuning (from 35 minutes on)")
     lines += [f"Plan for {p.budget_minutes:g} minutes: pretraining {p.pretrain_steps} steps × {p.batch_size} clips per "
               f"model; probes {p.probe_epochs} epochs, {tuned}; seeds {', '.join(map(str, p.seeds))}; "
               f"Mamba-HuBERT {p.hubert_steps} pretraining + {p.ctc_steps} CTC steps per run; efficiency to "
