@@ -129,8 +129,8 @@ def test_crossover_is_where_ssamba_stays_ahead():
 
 
 def _facts(wins, cer_pre, cer_scr, cer_conf, rise_sd):
-    cells = [{"task": t, "model": "ssamba_tiny", "mode": "probe", "difference": 0.1, "beyond_spread": t in wins}
-             for t in ("kws", "sid", "sounds")]
+    cells = [{"task": t, "model": "ssamba_tiny", "mode": "probe", "difference": 0.1, "beyond_spread": t in wins,
+              "pretrained": [0.5, 0.5], "scratch": [0.4, 0.4]} for t in ("kws", "sid", "sounds")]
     return {
         "pretrain": {"facts": {"over_chance": 6.0}},
         "downstream": {"facts": {"cells": cells, "kws_best_ssamba": {"over_chance": 11.0}, "ssamba_wins": wins,

@@ -1033,8 +1033,11 @@ def _summary(record: dict, ctx: Context, seconds: float, reused: list[str]) -> d
         claims.append({"claim": "Masked spectrogram patch pretraining helps downstream tasks (pretrained ≫ scratch)",
                        "measured": f"SSAMBA-tiny pretrained > scratch beyond the seed spread on {len(wins)} of "
                                    f"{len(down.get('tasks', []))} tasks ({', '.join(wins) or 'none'})"
-                                   + (f"; largest gain {best['difference']:+.3f} ({best['task']} {best['mode']})"
-                                      if best else "") + "; few labels, frozen features",
+                                   + (f"; largest gain {best['difference']:+.3f} ({best['task']} {best['mode']}, "
+                                      f"{len(best['pretrained'])} seed{'s' if len(best['pretrained']) > 1 else ''})"
+                                      if best else "") + "; few labels, frozen features"
+                                   + (", keywords also fine-tuned end to end"
+                                      if any(c["mode"] == "finetune" for c in gains) else ""),
                        "verdict": "holds" if len(wins) >= 2 else "does not hold at demo scale"})
     # 3. Mamba-HuBERT: pretraining helps CTC; Mamba needs extra modules (a Conformer) for ASR
     if hub:
