@@ -113,8 +113,8 @@ def make_plan(budget_minutes: float) -> Plan:
     # Pretraining: 250 steps put SSAMBA-tiny's masked-patch accuracy past 5x chance on this corpus (0.159 = 5.9x at
     # step 205). Mamba-HuBERT: 900 masked-prediction steps (about 3 minutes of one core); its CTC ties scratch after
     # 250 CTC steps (test CER 0.72 vs 0.72) and leads after 400 (valid CER 0.59 vs 0.70, 600: test 0.56 vs 0.66).
-    # Keyword spotting needs fine-tuning end to end (frozen features stay near chance, as a linear classifier on
-    # the log-mel itself reaches only 0.26): 300 steps of 16 clips reach test accuracy 0.39 (14x chance) from the
+    # Keyword spotting needs fine-tuning end to end (the probes on frozen features stay near chance, 0.08): 300
+    # steps of 16 clips reach test accuracy 0.39 (14x chance) from the
     # pretrained encoder and 0.15 from scratch, about 6 minutes of one core per cell (RESULTS.md), which do not fit
     # in 20 minutes. Both cells run in the main lane after the probes (~12.5 minutes of its one core beside the
     # 20-minute plan's ~16.5), so from 35 minutes on, 15 of them fine-tune keywords (pretrained and scratch, one
