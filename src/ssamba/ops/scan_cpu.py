@@ -104,28 +104,31 @@ def scan_row_pair(dt0, dt1, u0, u1, a0, a1, b_bg, c_bg, y0, y1, last0, last1, sa
         a0_r, a1_r = a0[blk], a1[blk]  # (LANES,)
         b_r, c_r = b_bg[blk], c_bg[blk]  # (L, LANES)
         h[:] = zero
-        for t in range(seqlen):
-            d0, d1 = dt0[t], dt1[t]
-            du0, du1 = d0 * u0[t], d1 * u1[t]
-            acc0 = zero
-            acc1 = zero
-            for k in range(LANES):
-                bk, ck = b_r[t, k], c_r[t, k]
-                h0 = exp(d0 * a0_r[k]) * h[0, k] + du0 * bk
-                h1 = exp(d1 * a1_r[k]) * h[1, k] + du1 * bk
-                h[0, k] = h0
-                h[1, k] = h1
-                acc0 += h0 * ck
-                acc1 += h1 * ck
-            if blk == 0:
-                y0[t] = acc0
-                y1[t] = acc1
-            else:
-                y0[t] += acc0
-                y1[t] += acc1
-            if save and t % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
-                ckpt0[blk, t // CHECKPOINT_EVERY] = h[0]
-                ckpt1[blk, t // CHECKPOINT_EVERY] = h[1]
+        # Chunks of CHECKPOINT_EVERY steps, each checkpoint stored after its chunk: a test inside the step loop
+        # made the training forward (save) about 1.4x as slow as inference at L = 49 and 513.
+        for t0 in range(0, seqlen, CHECKPOINT_EVERY):
+            for t in range(t0, min(t0 + CHECKPOINT_EVERY, seqlen)):
+                d0, d1 = dt0[t], dt1[t]
+                du0, du1 = d0 * u0[t], d1 * u1[t]
+                acc0 = zero
+                acc1 = zero
+                for k in range(LANES):
+                    bk, ck = b_r[t, k], c_r[t, k]
+                    h0 = exp(d0 * a0_r[k]) * h[0, k] + du0 * bk
+                    h1 = exp(d1 * a1_r[k]) * h[1, k] + du1 * bk
+                    h[0, k] = h0
+                    h[1, k] = h1
+                    acc0 += h0 * ck
+                    acc1 += h1 * ck
+                if blk == 0:
+                    y0[t] = acc0
+                    y1[t] = acc1
+                else:
+                    y0[t] += acc0
+                    y1[t] += acc1
+            if save and t0 + CHECKPOINT_EVERY <= seqlen:
+                ckpt0[blk, t0 // CHECKPOINT_EVERY] = h[0]
+                ckpt1[blk, t0 // CHECKPOINT_EVERY] = h[1]
         last0[blk] = h[0]
         last1[blk] = h[1]
 
