@@ -39,14 +39,20 @@ def test_demo_end_to_end_at_a_tiny_budget(tmp_path, monkeypatch, capsys):
         assert (tmp_path / f"pretrain_curves_{model}.png").stat().st_size > 0
         assert f"ssamba pretrain --model {model}" in pre  # the equivalent command
 
-    # downstream: every probe cell for both models, the fine-tuned task for SSAMBA-tiny, every seed, mean in the table
+    # downstream: every probe cell for both models, the row-stats probes and the fine-tuned task for SSAMBA-tiny,
+    # every seed, mean in the table
     cells = json.loads((tmp_path / "downstream" / "summary.json").read_text())["cells"]
     keys = {(c["task"], c["model"], c["mode"]) for c in cells}
+    assert plan.row_stats_tasks == ("kws",)
     assert keys == {(t, m, "probe") for t in demo.DOWNSTREAM_TASKS for m in demo.PRETRAIN_MODELS} | {
+        (t, "ssamba_tiny", demo.ROW_STATS_MODE) for t in plan.row_stats_tasks} | {
         (t, "ssamba_tiny", "finetune") for t in plan.finetune_tasks}
     table = _section(report, "Downstream: pretrained vs scratch")
+    rows_cell = json.loads((tmp_path / "downstream" / "probe_rows_seed0" / "kws" / "ssamba_tiny-pretrained-probe"
+                            / "config.json").read_text())
+    assert rows_cell["task"]["probe_pool"] == "row_stats"
     for c in cells:
-        assert len(c["pretrained"]) == len(c["scratch"]) == len(plan.seeds if c["mode"] == "probe"
+        assert len(c["pretrained"]) == len(c["scratch"]) == len(plan.seeds if c["mode"] != "finetune"
                                                                else plan.finetune_seeds)
         assert c["beyond_spread"] == (min(c["pretrained"]) > max(c["scratch"]))
         mean = sum(c["pretrained"]) / len(c["pretrained"])

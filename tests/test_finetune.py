@@ -126,6 +126,41 @@ def test_probe_trains_only_layer_weights_and_head(task, tmp_path):
     assert first["valid"] == results["valid"]  # cached and uncached probes are the same computation
 
 
+@pytest.mark.parametrize("model_name", ["ssamba_tiny", "ssast_tiny"])
+def test_row_stats_probe_pools_each_frequency_row(task, tmp_path, model_name):
+    """row_stats = per frequency row, the mean and std over the valid time columns of the LayerNormed patch
+    tokens, for items of different lengths in one (packed) batch; saved and loaded with its pooling."""
+    overrides = SSAST if model_name.startswith("ssast") else SSAMBA
+    encoder = create_model(model_name, input_tdim=48, **overrides)
+    probe = WeightedSumProbe(encoder, 2, pool="row_stats")
+    f_grid, c = encoder.config.grid[0], encoder.config.embed_dim
+    x = torch.randn(3, 48, 128)
+    lengths = torch.tensor([48, 40, 32])
+    pooled = probe.pooled_layers(x, lengths)
+    layers = len(encoder.extract_features(x[:1])[0])
+    assert pooled.shape == (3, layers, f_grid * 2 * c)
+    s = encoder.num_special_tokens
+    for b, n in enumerate(lengths.tolist()):  # each item alone, unpadded: rows straight from the token order
+        hidden, _ = encoder.extract_features(x[b : b + 1, :n])
+        for layer, h in enumerate(hidden):
+            rows = torch.nn.functional.layer_norm(h[0, s:], (c,)).view(f_grid, -1, c)  # (Fg, Tv, C)
+            want = torch.cat([rows.mean(1), rows.std(1, unbiased=False)], dim=-1).flatten()
+            # packed vs alone: the same tokens to float32 rounding (tests/conftest.py states FP32_REORDER)
+            torch.testing.assert_close(pooled[b, layer], want, **FP32_REORDER)
+    with pytest.raises(ValueError, match="probe pool"):
+        WeightedSumProbe(encoder, 2, pool="max")
+
+    train, valid, labels = task
+    encoder.save_pretrained(tmp_path / "enc")
+    cfg = tiny_cfg(train, valid, labels, model_name, mode="probe", steps=2)
+    cfg.model.init, cfg.task.probe_pool = str(tmp_path / "enc"), "row_stats"
+    finetune(cfg, tmp_path / "run", log=lambda m: None)
+    model, meta = load_classifier(tmp_path / "run")
+    assert meta["probe_pool"] == model.pool == "row_stats" and model.head.in_features == f_grid * 2 * c
+    with pytest.raises(ValueError, match="task.probe_pool"):
+        apply_overrides(cfg, ["task.probe_pool=max"])
+
+
 def full_loss(model, train, labels):
     from ssamba.data import AudioDataset
 

@@ -360,7 +360,7 @@ def _finetune_compare(args) -> int:
             return 2
         inits[name] = path
     budget = CompareBudget(finetune_steps=args.finetune_steps, probe_epochs=args.probe_epochs,
-                           batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+                           probe_pool=args.probe_pool, batch_size=args.batch_size, seed=args.seed)  # fmt: skip
     try:
         compare(args.manifests, args.out, inits, tasks=args.tasks, modes=args.modes, budget=budget,
                 run_missing=not args.table_only)
@@ -648,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--modes", nargs="+", default=["probe", "finetune"], choices=["probe", "finetune"])
     fc.add_argument("--finetune-steps", type=int, default=8)
     fc.add_argument("--probe-epochs", type=int, default=30)
+    fc.add_argument("--probe-pool", default="mean", choices=["mean", "row_stats"],
+                    help="the probes' pooling: mean of the patch tokens, or mean and std per frequency row")
     fc.add_argument("--batch-size", type=int, default=16)
     fc.add_argument("--seed", type=int, default=0)
     fc.add_argument("--table-only", action="store_true", help="tabulate the finished cells, run nothing")

@@ -46,6 +46,7 @@ LIMITS = ("Every number above was produced by this run, on this machine, within 
 PRETRAIN_MODELS = ("ssamba_tiny", "ssast_tiny")
 DOWNSTREAM_TASKS = ("kws", "sid", "sounds")
 TASK_NAMES = {"kws": "keywords", "sid": "speakers", "sounds": "sounds"}
+ROW_STATS_MODE = "probe, row stats"  # the mode column of the probes pooled per frequency row
 # the demo corpus's label file of each comparison task (ssamba.tasks.compare.DEMO_TASKS)
 TASK_LABELS = {"kws": "kws_labels.csv", "sid": "speaker_labels.csv", "sounds": "sounds_labels.csv"}
 
@@ -70,6 +71,10 @@ class Plan:
     # reported, not claimed: a comparison needs two)
     seeds: tuple = (0, 1)
     probe_epochs: int = 30
+    # tasks probed a second time (SSAMBA-tiny, every seed) with the probe pooled per frequency row (mean and std
+    # over time, task.probe_pool = "row_stats"): the mean over all patch tokens averages away the bands that tell
+    # short words apart
+    row_stats_tasks: tuple = ("kws",)
     finetune_tasks: tuple = ("kws",)
     finetune_steps: int = 300
     finetune_seeds: tuple = (0, 1)
@@ -113,12 +118,13 @@ def make_plan(budget_minutes: float) -> Plan:
     # Pretraining: 250 steps put SSAMBA-tiny's masked-patch accuracy past 5x chance on this corpus (0.159 = 5.9x at
     # step 205). Mamba-HuBERT: 900 masked-prediction steps (about 3 minutes of one core); its CTC ties scratch after
     # 250 CTC steps (test CER 0.72 vs 0.72) and leads after 400 (valid CER 0.59 vs 0.70, 600: test 0.56 vs 0.66).
-    # Keyword spotting needs fine-tuning end to end (the probes on frozen features stay near chance, 0.08): 300
-    # steps of 16 clips reach test accuracy 0.39 (14x chance) from the
-    # pretrained encoder and 0.15 from scratch, about 6 minutes of one core per cell (RESULTS.md), which do not fit
-    # in 20 minutes. Both cells run in the main lane after the probes (~12.5 minutes of its one core beside the
-    # 20-minute plan's ~16.5), so from 35 minutes on, 15 of them fine-tune keywords (pretrained and scratch, one
-    # seed) and the rest scale every count.
+    # Keywords: the probe over the mean of all patch tokens stays near chance (0.08); pooled per frequency row
+    # (row_stats) the same frozen features reach 0.31-0.34 (11-12x chance; RESULTS.md, session 7) for about 1.5
+    # more minutes of the main lane. Fine-tuned end to end, 300 steps of 16 clips reach test accuracy 0.39 (14x
+    # chance) from the pretrained encoder and 0.15 from scratch, about 6 minutes of one core per cell, which do not
+    # fit in 20 minutes. Both cells run in the main lane after the probes (~12.5 minutes of its one core beside
+    # the 20-minute plan's ~16.5), so from 35 minutes on, 15 of them fine-tune keywords (pretrained and scratch,
+    # one seed) and the rest scale every count.
     if b < 35:
         return Plan(b, {}, pretrain_steps=round(250 * b / 20), finetune_tasks=(), hubert_steps=round(900 * b / 20),
                     ctc_steps=round(400 * b / 20))
@@ -436,6 +442,17 @@ def _downstream_stage(ctx: Context) -> str:
         budget = CompareBudget(probe_epochs=p.probe_epochs, batch_size=p.batch_size, seed=seed)
         rows += [{**r, "seed": seed} for r in compare(ctx.manifests, folder, inits, tasks=DOWNSTREAM_TASKS,
                                                        modes=("probe",), budget=budget, log=quiet)]
+        if p.row_stats_tasks:
+            folder = out / f"probe_rows_seed{seed}"
+            commands.append(_say(f"ssamba finetune-compare --manifests {_q(ctx.manifests)} --out {_q(folder)} "
+                                 f"--init ssamba_tiny={_q(inits['ssamba_tiny'])} --tasks {' '.join(p.row_stats_tasks)} "
+                                 f"--modes probe --probe-pool row_stats --probe-epochs {p.probe_epochs} "
+                                 f"--batch-size {p.batch_size} --seed {seed}"))  # fmt: skip
+            budget = CompareBudget(probe_epochs=p.probe_epochs, probe_pool="row_stats", batch_size=p.batch_size,
+                                   seed=seed)  # fmt: skip
+            rows += [{**r, "seed": seed, "mode": ROW_STATS_MODE}
+                     for r in compare(ctx.manifests, folder, {"ssamba_tiny": inits["ssamba_tiny"]},
+                                      tasks=p.row_stats_tasks, modes=("probe",), budget=budget, log=quiet)]
     for seed in p.finetune_seeds if p.finetune_tasks else ():
         folder = out / f"finetune_seed{seed}"
         commands.append(_say(f"ssamba finetune-compare --manifests {_q(ctx.manifests)} --out {_q(folder)} "
@@ -477,14 +494,18 @@ def _downstream_stage(ctx: Context) -> str:
           f"{p.finetune_steps} Adam steps of {p.batch_size} clips (lr 3e-4, head ×10, no augmentation), seed"
           f"{'s' if len(p.finetune_seeds) > 1 else ''} {', '.join(map(str, p.finetune_seeds))}"
           if p.finetune_tasks else "")
-    kws_note = ("" if "kws" in p.finetune_tasks else " Keywords need fine-tuning end to end at this pretraining scale "
-                "(frozen features stay near chance); those cells run from `--budget-minutes 35` (about 6 minutes of "
-                "one core each).")
+    rows_note = (f" {', '.join(TASK_NAMES[t].capitalize() for t in p.row_stats_tasks)} also as \"{ROW_STATS_MODE}\" "
+                 "(SSAMBA-tiny): the same probe pooled per frequency row of the patch grid, the mean and standard "
+                 "deviation over time of each row (`--probe-pool row_stats`). The mean over all patch tokens averages "
+                 "the frequency bands together, and with them most of what tells short words apart."
+                 if p.row_stats_tasks else "")
+    kws_note = ("" if "kws" in p.finetune_tasks else " Keywords fine-tuned end to end run from `--budget-minutes 35` "
+                "(about 6 minutes of one core per cell).")
     data = "; ".join(_labelled(ctx, task) for task in DOWNSTREAM_TASKS)
     return ("**Regime: few labels, frozen features.** The comparison is made where self-supervision is known to pay: "
             f"{data}. Each encoder pretrained above against the same architecture from random weights (and the same "
             "input normalisation), as a linear probe over a learnable weighted sum of all layers on cached frozen "
-            f"features ({p.probe_epochs} epochs){ft}. "
+            f"features (mean over the patch tokens, SUPERB's pooling; {p.probe_epochs} epochs){ft}.{rows_note} "
             f"Selection on valid, test accuracy reported, {n} seed{'s' if n > 1 else ''} per cell "
             f"({', '.join(map(str, p.seeds))}: the probe's initialisation and data order, and for scratch cells the "
             "random encoder itself; the pretrained encoder is one pretraining run). \"Beyond the seed spread\" = "
@@ -492,7 +513,7 @@ def _downstream_stage(ctx: Context) -> str:
             + f"\n\nBest SSAMBA-tiny keyword cell: {best[2]} {best[1]}, **{best[0]:.1f}× chance**.{kws_note} "
             f"SSAMBA-tiny pretrained beats scratch beyond the seed spread on: "
             f"{', '.join(TASK_NAMES[t] for t in wins) or 'no task'}. Per-cell runs (metrics.json, confusion.png, "
-            f"best/) are under `downstream/<probe|finetune>_seed<S>/<task>/`.\n\nReproduce:\n\n"
+            f"best/) are under `downstream/<probe|probe_rows|finetune>_seed<S>/<task>/`.\n\nReproduce:\n\n"
             + "".join(f"    {c}\n" for c in commands))
 
 

@@ -1,7 +1,8 @@
 """Heads over an encoder, each saved with its config so that its folder alone rebuilds it.
 
 * :class:`WeightedSumProbe` - SUPERB's featurizer over a frozen spectrogram encoder: a softmax-weighted sum of every
-  layer's (LayerNormed) tokens, mean pooling, one Linear layer (``ssamba finetune --linear-probe``).
+  layer's (LayerNormed) tokens, mean (or per-frequency-row statistics) pooling, one Linear layer
+  (``ssamba finetune --linear-probe``).
 * :class:`CTCHead` - a chosen HuBERT-family layer (or the normalised last one) -> optional small Conformer
   downstream (attention Conformer blocks, Gulati et al. 2020) -> Linear to the vocabulary; trained with CTC
   (Graves et al. 2006). Mamba-HuBERT (Zhang et al. 2025, Table 2) compares exactly these two set-ups.
@@ -34,7 +35,7 @@ from ssamba.models.registry import FAMILIES
 from ssamba.nn.conformer import ConformerBlock
 from ssamba.nn.layers import lengths_to_mask
 
-__all__ = ["BLANK", "HEAD_CONFIG", "HEAD_WEIGHTS", "META_FILE", "PROBE_FILE", "VOCAB_FILE", "CTCHead",
+__all__ = ["BLANK", "HEAD_CONFIG", "HEAD_WEIGHTS", "META_FILE", "PROBE_FILE", "PROBE_POOLS", "VOCAB_FILE", "CTCHead",
            "ReconstructionHead", "WeightedSumProbe", "greedy_decode", "load_classifier", "load_head", "save_classifier",
            "save_head", "select_layer"]
 
@@ -47,33 +48,47 @@ META_FILE, PROBE_FILE = "finetune.json", "probe.safetensors"
 BLANK = 0  # the CTC blank's index
 
 
+PROBE_POOLS = ("mean", "row_stats")
+
+
 class WeightedSumProbe(nn.Module):
-    """Frozen encoder -> softmax(w)-weighted sum over layers of LayerNorm(tokens) -> mean over the valid
+    """Frozen encoder -> softmax(w)-weighted sum over layers of LayerNorm(tokens) -> pooling over the valid
     patch tokens -> Linear (SUPERB's featurizer + a linear utterance classifier).
+
+    ``pool``: ``"mean"`` (SUPERB's, and the official ``avgtok`` head's: the mean of every valid patch token, C
+    values per layer) or ``"row_stats"`` (statistics pooling, as x-vectors, per frequency row of the patch grid:
+    the mean and standard deviation over each row's valid time columns, 2 * Fg * C values per layer). The
+    tokens of one frequency row share a band; the overall mean averages the bands away, and with them most of
+    what tells short words apart (keywords: 2.6x chance with "mean", 15x with "row_stats" on the demo corpus,
+    benchmarks/RESULTS.md).
 
     ``layer_logits`` (L,) start at zero (equal weights). Only ``layer_logits`` and ``head`` are trainable;
     the encoder stays in eval mode (no dropout / stochastic depth) even when the probe trains. Before the
     weighted sum each layer's pooled vector is standardised with fixed training-set statistics
-    (``feature_mean`` / ``feature_std`` (L, C) buffers, ``fit_standardization``), as a linear probe's
+    (``feature_mean`` / ``feature_std`` (L, P) buffers, ``fit_standardization``), as a linear probe's
     affine-free BatchNorm (MAE): pooled LayerNormed tokens vary little between clips, and without it a
     short probe budget barely moves the classifier.
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int):
+    def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "mean"):
         super().__init__()
+        if pool not in PROBE_POOLS:
+            raise ValueError(f"probe pool must be one of {PROBE_POOLS}, got {pool!r}")
+        self.pool = pool
         self.encoder = encoder.eval().requires_grad_(False)
         c = encoder.config
         with torch.no_grad():  # layer count of any family: one tiny forward pass
             probe_in = torch.zeros(1, c.tshape, c.input_fdim)
             num_layers = len(encoder.extract_features(probe_in)[0])
+        width = c.embed_dim if pool == "mean" else 2 * c.grid[0] * c.embed_dim  # P, per layer
         self.layer_logits = nn.Parameter(torch.zeros(num_layers))
-        self.head = nn.Linear(c.embed_dim, num_classes)
-        self.register_buffer("feature_mean", torch.zeros(num_layers, c.embed_dim))
-        self.register_buffer("feature_std", torch.ones(num_layers, c.embed_dim))
+        self.head = nn.Linear(width, num_classes)
+        self.register_buffer("feature_mean", torch.zeros(num_layers, width))
+        self.register_buffer("feature_std", torch.ones(num_layers, width))
 
     @torch.no_grad()
     def fit_standardization(self, pooled: Tensor) -> None:
-        """Per-layer, per-channel mean / std of training vectors (N, L, C)."""
+        """Per-layer, per-feature mean / std of training vectors (N, L, P)."""
         self.feature_mean.copy_(pooled.mean(0))
         self.feature_std.copy_(pooled.std(0, unbiased=False).clamp_min(1e-5))
 
@@ -84,17 +99,35 @@ class WeightedSumProbe(nn.Module):
 
     @torch.no_grad()
     def pooled_layers(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """fbank (B, T, F), lengths (B,) -> per-layer pooled vectors (B, L, C) (what the cache stores)."""
+        """fbank (B, T, F), lengths (B,) -> per-layer pooled vectors (B, L, P) (what the cache stores)."""
         hidden, token_lengths = self.encoder.extract_features(x, lengths)  # L x (B, K, C)
         s = self.encoder.num_special_tokens
-        k = hidden[0].shape[1]
-        valid = lengths_to_mask(token_lengths, k)  # (B, K)
-        valid[:, :s] = False  # patch tokens only, as the avgtok head
-        weights = (valid.float() / valid.sum(1, keepdim=True))[..., None]  # (B, K, 1)
-        return torch.stack([(F.layer_norm(h, h.shape[-1:]) * weights).sum(1) for h in hidden], dim=1)
+        if self.pool == "mean":
+            valid = lengths_to_mask(token_lengths, hidden[0].shape[1])  # (B, K)
+            valid[:, :s] = False  # patch tokens only, as the avgtok head
+            weights = (valid.float() / valid.sum(1, keepdim=True))[..., None]  # (B, K, 1)
+            return torch.stack([(F.layer_norm(h, h.shape[-1:]) * weights).sum(1) for h in hidden], dim=1)
+        tokens = torch.stack([F.layer_norm(h[:, s:], h.shape[-1:]) for h in hidden], dim=1)  # (B, L, K - S, C)
+        patches = token_lengths - s  # (B,) valid patch tokens, packed at the front (ssamba.nn.patch)
+        # Packed item b holds its Fg rows one after another, Tv = patches / Fg columns each: row f at f Tv + t.
+        f_grid = self.encoder.config.grid[0]
+        t_valid = torch.div(patches, f_grid, rounding_mode="floor")  # (B,)
+        t_max = int(t_valid.max())
+        col = torch.arange(t_max, device=x.device)
+        in_row = col < t_valid[:, None]  # (B, Tmax)
+        index = torch.arange(f_grid, device=x.device)[None, :, None] * t_valid[:, None, None] + col  # (B, Fg, Tmax)
+        index = torch.where(in_row[:, None], index, 0).flatten(1)  # (B, Fg * Tmax), padding pointed in range
+        valid = in_row.to(tokens.dtype)[:, None, None, :, None]  # (B, 1, 1, Tmax, 1)
+        b, layers, _, c = tokens.shape
+        rows = torch.gather(tokens, 2, index[:, None, :, None].expand(b, layers, -1, c))
+        rows = rows.view(b, layers, f_grid, t_max, c) * valid  # (B, L, Fg, Tmax, C), padding zeroed
+        count = t_valid.to(tokens.dtype)[:, None, None, None]
+        mean = rows.sum(3) / count  # (B, L, Fg, C)
+        var = ((rows - mean[:, :, :, None]) * valid).square().sum(3) / count
+        return torch.cat([mean, var.sqrt()], dim=-1).flatten(2)  # (B, L, Fg * 2C)
 
     def forward_pooled(self, pooled: Tensor) -> Tensor:
-        """(B, L, C) -> logits (B, Q)."""
+        """(B, L, P) -> logits (B, Q)."""
         w = torch.softmax(self.layer_logits, dim=0)
         pooled = (pooled - self.feature_mean) / self.feature_std
         return self.head(torch.einsum("l,blc->bc", w, pooled))
@@ -266,7 +299,7 @@ def load_classifier(directory: str | os.PathLike) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(f"{directory}: no {META_FILE}; expected a fine-tuning run or its best/ folder")
     encoder = load_pretrained(directory)
     if meta["mode"] == "probe":
-        model = WeightedSumProbe(encoder, len(meta["labels"]["mids"]))
+        model = WeightedSumProbe(encoder, len(meta["labels"]["mids"]), meta.get("probe_pool", "mean"))
         model.load_state_dict({**load_file(str(directory / PROBE_FILE)),
                                **{"encoder." + k: v for k, v in encoder.state_dict().items()}})  # fmt: skip
     else:

@@ -36,6 +36,7 @@ DEMO_TASKS = {"kws": ("kws", "kws"), "sid": ("sid", "speaker"), "sounds": ("soun
 class CompareBudget:
     finetune_steps: int = 8
     probe_epochs: int = 30
+    probe_pool: str = "mean"  # task.probe_pool of the probe cells
     batch_size: int = 16
     # fine-tuning lr and head multiplier (Adam, as the official run.py); probe lr (only a Linear + L weights)
     finetune_lr: float = 3e-4
@@ -68,6 +69,7 @@ def _cell_config(task: str, model: str, init: str, mode: str, manifests: Path, b
     t.batch_size, t.seed = budget.batch_size, budget.seed
     if mode == "probe":
         o.lr, o.head_lr = budget.probe_lr, 1.0
+        cfg.task.probe_pool = budget.probe_pool
         t.steps, t.epochs = 0, budget.probe_epochs
     else:
         o.lr, o.head_lr = budget.finetune_lr, budget.head_lr
@@ -160,7 +162,8 @@ def format_table(rows: list[dict], budget: CompareBudget, inits: dict) -> str:
     lines = ["Test accuracy (selection on valid). Budget per cell: fine-tune = "
              f"{budget.finetune_steps} steps x {budget.batch_size} clips (Adam lr {budget.finetune_lr}, head x"
              f"{budget.head_lr:g}, no augmentation); probe = {budget.probe_epochs} epochs on cached frozen "
-             f"features (lr {budget.probe_lr}); frames per clip {budget.target_length}; seed {budget.seed}.",
+             f"features ({budget.probe_pool} pooling, lr {budget.probe_lr}); frames per clip "
+             f"{budget.target_length}; seed {budget.seed}.",
              "Pretrained encoders: " + ", ".join(f"{m} = `{p}`" for m, p in inits.items()) + "; scratch = the same "
              "architecture, random initialisation.", ""]  # fmt: skip
     columns = ["task", "model", "mode", "pretrained", "scratch", "pretrained - scratch"]

@@ -6,7 +6,8 @@ Two modes over any spectrogram encoder (SSAMBA or SSAST; pretrained, imported or
   final patch tokens), trained with the task's official recipe (``ssamba.tasks.recipes``): Adam, a head
   learning-rate multiplier, warm-up, per-epoch MultiStepLR, SpecAugment, mixup, noise, weight averaging.
 * ``probe``: SUPERB-style frozen encoder, a learnable softmax-weighted sum of every layer's (LayerNormed)
-  tokens, mean pooling over the valid patch tokens, one Linear layer. Only the layer weights and the
+  tokens, mean pooling over the valid patch tokens (or ``task.probe_pool = "row_stats"``: mean and std per
+  frequency row), one Linear layer. Only the layer weights and the
   linear layer train. The frozen encoder is run once per split and its per-layer vectors cached (exact,
   because LayerNorm is per token and the weighted sum and the mean are linear).
 
@@ -89,7 +90,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, init: InitSource | N
     if family is not None and encoder.family != family:
         raise ValueError(f"--model {cfg.model.name} is a {family} model but --init {init.path} holds a "
                          f"{encoder.family} encoder")  # fmt: skip
-    return WeightedSumProbe(encoder, num_classes) if probe else encoder
+    return WeightedSumProbe(encoder, num_classes, cfg.task.probe_pool) if probe else encoder
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -137,7 +138,7 @@ def _cache_pooled(probe: WeightedSumProbe, ds: AudioDataset, loader, device) -> 
     are also kept per (encoder weights, file, input), so probes of one encoder over tasks that share audio
     (keywords / speakers) run the encoder once per clip."""
     memo = isinstance(ds, MemoDataset)
-    tag = (_fingerprint(probe.encoder), ds.target_length, ds.mean, ds.std) if memo else None
+    tag = (_fingerprint(probe.encoder), probe.pool, ds.target_length, ds.mean, ds.std) if memo else None
     keys = [(tag, str(e.path)) for e in ds.examples] if memo else []
     if memo and all(k in _POOLED_MEMO for k in keys):
         targets = torch.stack([ds.labels.encode(e.labels) for e in ds.examples])
@@ -281,10 +282,10 @@ def _finetune_once(cfg: FinetuneConfig, run: Path, splits: dict, resume: bool, l
     s = {"wa_count": 0, "best": -math.inf, "best_step": 0, "first_loss": None}  # checkpointed with the run
     losses = {"this": math.nan, "last": math.nan}  # this step's, the last update's
 
-    meta = {"mode": cfg.task.mode, "task": cfg.task.name, "model": cfg.model.name, "init": cfg.model.init,
-            "labels": {"mids": labels.mids, "names": labels.names}, "target_length": cfg.data.target_length,
-            "mean": mean, "std": std, "loss": cfg.task.loss, "metric": cfg.task.metric,
-            "multilabel": cfg.task.multilabel}  # fmt: skip
+    meta = {"mode": cfg.task.mode, "probe_pool": cfg.task.probe_pool, "task": cfg.task.name, "model": cfg.model.name,
+            "init": cfg.model.init, "labels": {"mids": labels.mids, "names": labels.names},
+            "target_length": cfg.data.target_length, "mean": mean, "std": std, "loss": cfg.task.loss,
+            "metric": cfg.task.metric, "multilabel": cfg.task.multilabel}  # fmt: skip
 
     def scores_of(split: str) -> tuple[np.ndarray, np.ndarray]:
         if cached:

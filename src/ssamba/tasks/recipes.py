@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ssamba.models.heads import PROBE_POOLS
 from ssamba.train.config import DataSection, LogSection, ModelSection, RunConfig, SpectrogramOptimSection, TrainSection
 
 __all__ = ["TASKS", "FinetuneConfig", "task_recipe"]
@@ -59,6 +60,9 @@ class FTTaskSection:
     name: str = "kws"
     # "finetune" (whole encoder + head) or "probe" (frozen encoder, learnable weighted sum of layers + linear)
     mode: str = "finetune"
+    # the probe's pooling over patch tokens: "mean" (SUPERB's) or "row_stats" (mean and std per frequency row of
+    # the patch grid; ssamba.models.heads.WeightedSumProbe)
+    probe_pool: str = "mean"
     # "ce" (softmax cross-entropy), "bce" (sigmoid BCE; official for Speech Commands and AudioSet)
     loss: str = "ce"
     # metric that selects the best checkpoint and is reported: "acc" or "mAP"
@@ -123,6 +127,8 @@ class FinetuneConfig(RunConfig):
         t = self.task
         if t.mode not in MODES:
             raise ValueError(f"task.mode must be one of {MODES}, got {t.mode!r}")
+        if t.probe_pool not in PROBE_POOLS:
+            raise ValueError(f"task.probe_pool must be one of {PROBE_POOLS}, got {t.probe_pool!r}")
         if t.loss not in ("ce", "bce"):
             raise ValueError(f"task.loss must be ce or bce, got {t.loss!r}")
         if t.metric not in ("acc", "mAP"):
