@@ -424,6 +424,23 @@ def _labelled(ctx: Context, task: str) -> str:
             f"{n['valid']}, test {n['test']}{unseen})")
 
 
+def _side_probes_stage(ctx: Context) -> str:
+    """SSAST-tiny's probe cells of the downstream comparison, in the side lane right after its pretraining: the
+    downstream stage (main lane) then finds them finished and reuses them (``compare`` reuses a cell run with the
+    same configuration), so the two lanes share the probes' encoder passes."""
+    from ssamba.tasks.compare import CompareBudget, compare
+
+    p, init = ctx.plan, {"ssast_tiny": str(ctx.out / "pretrain" / "ssast_tiny")}
+    tick = time.perf_counter()
+    for seed in p.seeds:
+        budget = CompareBudget(probe_epochs=p.probe_epochs, batch_size=p.batch_size, seed=seed)
+        compare(ctx.manifests, ctx.out / "downstream" / f"probe_seed{seed}", init, tasks=DOWNSTREAM_TASKS,
+                modes=("probe",), budget=budget, log=lambda m: None)
+    return (f"SSAST-tiny's probe cells ({len(p.seeds)} seeds × {len(DOWNSTREAM_TASKS)} tasks × pretrained and scratch) "
+            f"ran here, in the side lane, in {time.perf_counter() - tick:.0f} s; their results are in the downstream "
+            "table below.")
+
+
 def _downstream_stage(ctx: Context) -> str:
     """Pretrained vs the same architecture from random weights, as a linear probe on cached frozen features (every
     task, both families) and fine-tuned end to end (plan.finetune_tasks, SSAMBA-tiny), each under every seed."""
@@ -830,10 +847,13 @@ STAGES = [
     Stage("features", "Features", _features_stage, products=(STATS_FILE, PRETRAIN_MANIFEST)),
     Stage("parity", "Feature parity with the official code", _parity_stage),
     Stage("model_parity", "Model parity with the official code", _model_parity_stage),
-    # the side lane: SSAST-tiny's pretraining (needed by the downstream stage), Mamba-HuBERT, then the benchmark
+    # the side lane: SSAST-tiny's pretraining and its probe cells (needed by the downstream stage), Mamba-HuBERT, then
+    # the benchmark
     Stage("pretrain_ssast", "Self-supervised pretraining: SSAST-tiny",
           lambda ctx: _pretrain_stage(ctx, "ssast_tiny"), products=("pretrain/ssast_tiny/final/config.json",),
           lane="side"),
+    Stage("side_probes", "Downstream probes: SSAST-tiny", _side_probes_stage,
+          products=("downstream/probe_seed0/compare.json",), lane="side"),
     Stage("hubert", "Mamba-HuBERT", _hubert_stage,
           products=("hubert/pt_extbimamba/final/config.json", "hubert/ctc_conformer/metrics.json"), lane="side"),
     Stage("bench", "Efficiency: SSAMBA vs SSAST inference", _bench_stage, products=("bench_models.csv",),
@@ -842,12 +862,12 @@ STAGES = [
     Stage("pretrain", "Self-supervised pretraining: SSAMBA-tiny", lambda ctx: _pretrain_stage(ctx, "ssamba_tiny"),
           products=("pretrain/ssamba_tiny/final/config.json",)),
     Stage("downstream", "Downstream: pretrained vs scratch", _downstream_stage, products=("downstream/summary.json",),
-          needs=("pretrain_ssast",)),
+          needs=("pretrain_ssast", "side_probes")),
     Stage("mi", "Layer-wise mutual information", _mi_stage, products=("mi/mi.json",), needs=("hubert",)),
 ]
 # the report's order
-REPORT_ORDER = ("corpus", "features", "parity", "model_parity", "pretrain", "pretrain_ssast", "downstream", "bench",
-                "hubert", "mi")
+REPORT_ORDER = ("corpus", "features", "parity", "model_parity", "pretrain", "pretrain_ssast", "side_probes",
+                "downstream", "bench", "hubert", "mi")
 
 def _default_conformance() -> Path | None:
     here = Path(__file__).resolve()
