@@ -71,9 +71,9 @@ class Plan:
     # reported, not claimed: a comparison needs two)
     seeds: tuple = (0, 1)
     probe_epochs: int = 30
-    # tasks probed a second time (SSAMBA-tiny, every seed) with the probe pooled per frequency row (mean and std
-    # over time, task.probe_pool = "row_stats"): the mean over all patch tokens averages away the bands that tell
-    # short words apart
+    # tasks whose probes pool per frequency row (mean and std over time, task.probe_pool = "row_stats") instead of
+    # over all patch tokens (SUPERB's mean): keywords, where the mean leaves every encoder, pretrained or random, at
+    # chance (0.06-0.09 against 1/35 = 0.029; RESULTS.md, session 7), so that a comparison there would read noise
     row_stats_tasks: tuple = ("kws",)
     finetune_tasks: tuple = ("kws",)
     finetune_steps: int = 300
@@ -119,8 +119,8 @@ def make_plan(budget_minutes: float) -> Plan:
     # step 205). Mamba-HuBERT: 900 masked-prediction steps (about 3 minutes of one core); its CTC ties scratch after
     # 250 CTC steps (test CER 0.72 vs 0.72) and leads after 400 (valid CER 0.59 vs 0.70, 600: test 0.56 vs 0.66).
     # Keywords: the probe over the mean of all patch tokens stays near chance (0.08); pooled per frequency row
-    # (row_stats) the same frozen features reach 0.31-0.34 (11-12x chance; RESULTS.md, session 7) for about 1.5
-    # more minutes of the main lane. Fine-tuned end to end, 300 steps of 16 clips reach test accuracy 0.39 (14x
+    # (row_stats, Plan.row_stats_tasks) the same frozen features reach 0.31-0.34 (11-12x chance; RESULTS.md,
+    # session 7) at the same cost. Fine-tuned end to end, 300 steps of 16 clips reach test accuracy 0.39 (14x
     # chance) from the pretrained encoder and 0.15 from scratch, about 6 minutes of one core per cell, which do not
     # fit in 20 minutes. Both cells run in the main lane after the probes (~12.5 minutes of its one core beside
     # the 20-minute plan's ~16.5), so from 35 minutes on, 15 of them fine-tune keywords (pretrained and scratch,
@@ -424,21 +424,43 @@ def _labelled(ctx: Context, task: str) -> str:
             f"{n['valid']}, test {n['test']}{unseen})")
 
 
-def _side_probes_stage(ctx: Context) -> str:
-    """SSAST-tiny's probe cells of the downstream comparison, in the side lane right after its pretraining: the
-    downstream stage (main lane) then finds them finished and reuses them (``compare`` reuses a cell run with the
-    same configuration), so the two lanes share the probes' encoder passes."""
+def _probes(ctx: Context, inits: dict[str, str], say=_say) -> tuple[list[dict], list[str]]:
+    """Every probe cell of ``inits`` (model -> pretraining run), pretrained and scratch, under every seed: the
+    mean-pooled probe on each task, except plan.row_stats_tasks, probed pooled per frequency row (mode
+    ROW_STATS_MODE). Returns the rows (with their seed) and the equivalent commands. Cells already finished with the
+    same configuration are reused (``compare``)."""
     from ssamba.tasks.compare import CompareBudget, compare
 
-    p, init = ctx.plan, {"ssast_tiny": str(ctx.out / "pretrain" / "ssast_tiny")}
-    tick = time.perf_counter()
+    p, out = ctx.plan, ctx.out / "downstream"
+    rows, commands = [], []
+    init_args = " ".join(f"--init {m}={_q(r)}" for m, r in inits.items())
+    groups = (("probe", "mean", [t for t in DOWNSTREAM_TASKS if t not in p.row_stats_tasks]),
+              ("probe_rows", "row_stats", list(p.row_stats_tasks)))
     for seed in p.seeds:
-        budget = CompareBudget(probe_epochs=p.probe_epochs, batch_size=p.batch_size, seed=seed)
-        compare(ctx.manifests, ctx.out / "downstream" / f"probe_seed{seed}", init, tasks=DOWNSTREAM_TASKS,
-                modes=("probe",), budget=budget, log=lambda m: None)
-    return (f"SSAST-tiny's probe cells ({len(p.seeds)} seeds × {len(DOWNSTREAM_TASKS)} tasks × pretrained and scratch) "
-            f"ran here, in the side lane, in {time.perf_counter() - tick:.0f} s; their results are in the downstream "
-            "table below.")
+        for folder_name, pool, tasks in groups:
+            if not tasks:
+                continue
+            folder = out / f"{folder_name}_seed{seed}"
+            commands.append(say(f"ssamba finetune-compare --manifests {_q(ctx.manifests)} --out {_q(folder)} "
+                                f"{init_args} --tasks {' '.join(tasks)} --modes probe --probe-pool {pool} "
+                                f"--probe-epochs {p.probe_epochs} --batch-size {p.batch_size} --seed {seed}"))
+            budget = CompareBudget(probe_epochs=p.probe_epochs, probe_pool=pool, batch_size=p.batch_size, seed=seed)
+            mode = "probe" if pool == "mean" else ROW_STATS_MODE
+            rows += [{**r, "seed": seed, "mode": mode} for r in compare(ctx.manifests, folder, inits, tasks=tasks,
+                                                                          modes=("probe",), budget=budget,
+                                                                          log=lambda m: None)]  # fmt: skip
+    return rows, commands
+
+
+def _side_probes_stage(ctx: Context) -> str:
+    """SSAST-tiny's probe cells of the downstream comparison, in the side lane right after its pretraining: the
+    downstream stage (main lane) then finds them finished and reuses them, so the two lanes share the probes'
+    encoder passes."""
+    tick = time.perf_counter()
+    _probes(ctx, {"ssast_tiny": str(ctx.out / "pretrain" / "ssast_tiny")}, say=lambda command: command)
+    return (f"SSAST-tiny's probe cells ({len(ctx.plan.seeds)} seeds × {len(DOWNSTREAM_TASKS)} tasks × pretrained and "
+            f"scratch) ran here, in the side lane, in {time.perf_counter() - tick:.0f} s; their results are in the "
+            "downstream table below.")
 
 
 def _downstream_stage(ctx: Context) -> str:
@@ -448,28 +470,8 @@ def _downstream_stage(ctx: Context) -> str:
 
     p, out = ctx.plan, ctx.out / "downstream"
     inits = {model: str(ctx.out / "pretrain" / model) for model in PRETRAIN_MODELS}
-    init_args = " ".join(f"--init {m}={_q(r)}" for m, r in inits.items())
-    rows, commands = [], []
+    rows, commands = _probes(ctx, inits)
     quiet = lambda m: None  # noqa: E731 - the cells' own progress lines
-    for seed in p.seeds:
-        folder = out / f"probe_seed{seed}"
-        commands.append(_say(f"ssamba finetune-compare --manifests {_q(ctx.manifests)} --out {_q(folder)} {init_args} "
-                             f"--modes probe --probe-epochs {p.probe_epochs} --batch-size {p.batch_size} "
-                             f"--seed {seed}"))  # fmt: skip
-        budget = CompareBudget(probe_epochs=p.probe_epochs, batch_size=p.batch_size, seed=seed)
-        rows += [{**r, "seed": seed} for r in compare(ctx.manifests, folder, inits, tasks=DOWNSTREAM_TASKS,
-                                                       modes=("probe",), budget=budget, log=quiet)]
-        if p.row_stats_tasks:
-            folder = out / f"probe_rows_seed{seed}"
-            commands.append(_say(f"ssamba finetune-compare --manifests {_q(ctx.manifests)} --out {_q(folder)} "
-                                 f"--init ssamba_tiny={_q(inits['ssamba_tiny'])} --tasks {' '.join(p.row_stats_tasks)} "
-                                 f"--modes probe --probe-pool row_stats --probe-epochs {p.probe_epochs} "
-                                 f"--batch-size {p.batch_size} --seed {seed}"))  # fmt: skip
-            budget = CompareBudget(probe_epochs=p.probe_epochs, probe_pool="row_stats", batch_size=p.batch_size,
-                                   seed=seed)  # fmt: skip
-            rows += [{**r, "seed": seed, "mode": ROW_STATS_MODE}
-                     for r in compare(ctx.manifests, folder, {"ssamba_tiny": inits["ssamba_tiny"]},
-                                      tasks=p.row_stats_tasks, modes=("probe",), budget=budget, log=quiet)]
     for seed in p.finetune_seeds if p.finetune_tasks else ():
         folder = out / f"finetune_seed{seed}"
         commands.append(_say(f"ssamba finetune-compare --manifests {_q(ctx.manifests)} --out {_q(folder)} "
@@ -511,10 +513,11 @@ def _downstream_stage(ctx: Context) -> str:
           f"{p.finetune_steps} Adam steps of {p.batch_size} clips (lr 3e-4, head ×10, no augmentation), seed"
           f"{'s' if len(p.finetune_seeds) > 1 else ''} {', '.join(map(str, p.finetune_seeds))}"
           if p.finetune_tasks else "")
-    rows_note = (f" {', '.join(TASK_NAMES[t].capitalize() for t in p.row_stats_tasks)} also as \"{ROW_STATS_MODE}\" "
-                 "(SSAMBA-tiny): the same probe pooled per frequency row of the patch grid, the mean and standard "
-                 "deviation over time of each row (`--probe-pool row_stats`). The mean over all patch tokens averages "
-                 "the frequency bands together, and with them most of what tells short words apart."
+    rows_note = (f" {', '.join(TASK_NAMES[t].capitalize() for t in p.row_stats_tasks)} pooled per frequency row of "
+                 f"the patch grid instead (\"{ROW_STATS_MODE}\", `--probe-pool row_stats`): the mean and standard "
+                 "deviation over time of each row. The mean over all patch tokens averages the frequency bands "
+                 "together, and with them what tells short words apart: it leaves every encoder, pretrained or random, "
+                 "near chance on keywords (0.06–0.09; benchmarks/RESULTS.md), where a comparison would read noise."
                  if p.row_stats_tasks else "")
     kws_note = ("" if "kws" in p.finetune_tasks else " Keywords fine-tuned end to end run from `--budget-minutes 35` "
                 "(about 6 minutes of one core per cell).")
