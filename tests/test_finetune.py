@@ -161,6 +161,31 @@ def test_row_stats_probe_pools_each_frequency_row(task, tmp_path, model_name):
         apply_overrides(cfg, ["task.probe_pool=max"])
 
 
+def test_probes_of_either_pooling_share_one_encoder_pass(task, monkeypatch):
+    """Over a MemoDataset, a mean probe's pass also keeps the row statistics: a row-stats probe of the same encoder
+    on the same clips then runs no encoder and gets what it would have computed itself."""
+    from ssamba.data.datasets import MemoDataset
+    from ssamba.tasks import finetune as ft
+
+    train, _, labels = task
+    encoder = create_model("ssamba_tiny", input_tdim=48, **SSAMBA)
+    mean_probe, rows_probe = (WeightedSumProbe(encoder, 2, pool=p) for p in ("mean", "row_stats"))
+    ds = MemoDataset(train, LabelSet.from_csv(labels), target_length=48)
+    loader = ft._loader(ds, 8, 0)
+    calls = []
+    original = type(encoder).extract_features
+    monkeypatch.setattr(type(encoder), "extract_features", lambda self, *a: calls.append(1) or original(self, *a))
+    monkeypatch.setattr(ft, "_POOLED_MEMO", {})
+    ft._cache_pooled(mean_probe, ds, loader, "cpu")
+    passes = len(calls)
+    assert passes == len(loader)
+    rows, targets = ft._cache_pooled(rows_probe, ds, loader, "cpu")
+    assert len(calls) == passes  # served from the memo
+    direct = torch.cat([rows_probe.pooled_layers(b["features"], b["lengths"]) for b in loader])
+    torch.testing.assert_close(rows, direct, rtol=0, atol=0)
+    assert targets.shape == (len(ds), 2)
+
+
 def full_loss(model, train, labels):
     from ssamba.data import AudioDataset
 

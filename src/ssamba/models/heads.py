@@ -100,9 +100,14 @@ class WeightedSumProbe(nn.Module):
     @torch.no_grad()
     def pooled_layers(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """fbank (B, T, F), lengths (B,) -> per-layer pooled vectors (B, L, P) (what the cache stores)."""
-        hidden, token_lengths = self.encoder.extract_features(x, lengths)  # L x (B, K, C)
+        return self.pool_layers(*self.encoder.extract_features(x, lengths), self.pool)
+
+    @torch.no_grad()
+    def pool_layers(self, hidden: list[Tensor], token_lengths: Tensor, pool: str) -> Tensor:
+        """The encoder's per-layer outputs L x (B, K, C) and token lengths (B,) -> vectors (B, L, P) pooled by
+        ``pool`` (any of PROBE_POOLS, so that one encoder pass serves probes of either pooling)."""
         s = self.encoder.num_special_tokens
-        if self.pool == "mean":
+        if pool == "mean":
             valid = lengths_to_mask(token_lengths, hidden[0].shape[1])  # (B, K)
             valid[:, :s] = False  # patch tokens only, as the avgtok head
             weights = (valid.float() / valid.sum(1, keepdim=True))[..., None]  # (B, K, 1)
@@ -113,9 +118,9 @@ class WeightedSumProbe(nn.Module):
         f_grid = self.encoder.config.grid[0]
         t_valid = torch.div(patches, f_grid, rounding_mode="floor")  # (B,)
         t_max = int(t_valid.max())
-        col = torch.arange(t_max, device=x.device)
+        col = torch.arange(t_max, device=tokens.device)
         in_row = col < t_valid[:, None]  # (B, Tmax)
-        index = torch.arange(f_grid, device=x.device)[None, :, None] * t_valid[:, None, None] + col  # (B, Fg, Tmax)
+        index = torch.arange(f_grid, device=col.device)[None, :, None] * t_valid[:, None, None] + col  # (B, Fg, Tmax)
         index = torch.where(in_row[:, None], index, 0).flatten(1)  # (B, Fg * Tmax), padding pointed in range
         valid = in_row.to(tokens.dtype)[:, None, None, :, None]  # (B, 1, 1, Tmax, 1)
         b, layers, _, c = tokens.shape

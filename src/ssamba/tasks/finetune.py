@@ -44,7 +44,7 @@ from ssamba.data.augment import augment_batch
 from ssamba.data.check import check_splits
 from ssamba.data.datasets import AudioDataset, FeatureSet, MemoDataset
 from ssamba.data.manifest import Example, LabelSet, read_manifest
-from ssamba.models.heads import WeightedSumProbe, load_classifier, save_classifier
+from ssamba.models.heads import PROBE_POOLS, WeightedSumProbe, load_classifier, save_classifier
 from ssamba.models.io import InitSource, load_pretrained, resolve_init
 from ssamba.models.registry import create_model, model_family
 from ssamba.tasks.metrics import confusion_matrix, markdown_table, plot_confusion, task_metrics
@@ -134,25 +134,28 @@ def _fingerprint(module: nn.Module) -> tuple:
 
 @torch.no_grad()
 def _cache_pooled(probe: WeightedSumProbe, ds: AudioDataset, loader, device) -> tuple[Tensor, Tensor]:
-    """Per-layer pooled vectors (N, L, C) and targets (N, Q) of a whole split. With a MemoDataset the vectors
-    are also kept per (encoder weights, file, input), so probes of one encoder over tasks that share audio
-    (keywords / speakers) run the encoder once per clip."""
+    """Per-layer pooled vectors (N, L, P) and targets (N, Q) of a whole split. With a MemoDataset the vectors of
+    every pooling (PROBE_POOLS) are also kept per (encoder weights, file, input), so probes of one encoder over tasks
+    that share audio (keywords / speakers), with either pooling, run the encoder once per clip."""
     memo = isinstance(ds, MemoDataset)
-    tag = (_fingerprint(probe.encoder), probe.pool, ds.target_length, ds.mean, ds.std) if memo else None
+    tag = (_fingerprint(probe.encoder), ds.target_length, ds.mean, ds.std) if memo else None
     keys = [(tag, str(e.path)) for e in ds.examples] if memo else []
-    if memo and all(k in _POOLED_MEMO for k in keys):
+    if memo and all((*k, probe.pool) in _POOLED_MEMO for k in keys):
         targets = torch.stack([ds.labels.encode(e.labels) for e in ds.examples])
-        return torch.stack([_POOLED_MEMO[k] for k in keys]), targets
+        return torch.stack([_POOLED_MEMO[(*k, probe.pool)] for k in keys]), targets
     pooled, targets = [], []
     for batch in loader:
         if batch["features"].numel() == 0:
             continue
-        vectors = probe.pooled_layers(batch["features"].to(device), batch["lengths"].to(device)).cpu()
-        pooled.append(vectors)
+        hidden = probe.encoder.extract_features(batch["features"].to(device), batch["lengths"].to(device))
+        for pool in PROBE_POOLS if memo else (probe.pool,):
+            vectors = probe.pool_layers(*hidden, pool).cpu()
+            if pool == probe.pool:
+                pooled.append(vectors)
+            if memo:
+                for i, v in zip(batch["indices"].tolist(), vectors, strict=True):
+                    _POOLED_MEMO[(*keys[i], pool)] = v
         targets.append(batch["labels"])
-        if memo:
-            for i, v in zip(batch["indices"].tolist(), vectors, strict=True):
-                _POOLED_MEMO[keys[i]] = v
     return torch.cat(pooled), torch.cat(targets)
 
 

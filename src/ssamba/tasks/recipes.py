@@ -46,7 +46,8 @@ class FTDataSection(DataSection):
     mean: float | None = None
     std: float | None = None
     # keep every clip's fbank in memory after its first use, shared by the runs of one process (with
-    # num_workers = 0; workers would fill their own copies)
+    # num_workers = 0; workers would fill their own copies); a probe also keeps each clip's pooled vectors of every
+    # pooling (for SSAMBA/SSAST-tiny ~160 KB a clip, about three times its fbank)
     cache_features: bool = True
     # k-fold cross-validation over the train manifest (0 = off; ESC-50: 5, IEMOCAP: 5 sessions). Entries
     # carry their fold in `fold_key` (e.g. "fold": 1..K); without it folds are a seeded round-robin split.
