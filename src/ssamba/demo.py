@@ -123,7 +123,7 @@ def make_plan(budget_minutes: float) -> Plan:
     # session 7) at the same cost. Fine-tuned end to end, 300 steps of 16 clips reach test accuracy 0.39 (14x
     # chance) from the pretrained encoder and 0.15 from scratch, about 6 minutes of one core per cell, which do not
     # fit in 20 minutes. Both cells run in the main lane after the probes (~12.5 minutes of its one core beside
-    # the 20-minute plan's ~16.5), so from 35 minutes on, 15 of them fine-tune keywords (pretrained and scratch,
+    # the 20-minute plan), so from 35 minutes on, 15 of them fine-tune keywords (pretrained and scratch,
     # one seed) and the rest scale every count.
     if b < 35:
         return Plan(b, {}, pretrain_steps=round(250 * b / 20), finetune_tasks=(), hubert_steps=round(900 * b / 20),

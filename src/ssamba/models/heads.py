@@ -57,10 +57,10 @@ class WeightedSumProbe(nn.Module):
 
     ``pool``: ``"mean"`` (SUPERB's, and the official ``avgtok`` head's: the mean of every valid patch token, C
     values per layer) or ``"row_stats"`` (statistics pooling, as x-vectors, per frequency row of the patch grid:
-    the mean and standard deviation over each row's valid time columns, 2 * Fg * C values per layer). The
-    tokens of one frequency row share a band; the overall mean averages the bands away, and with them most of
-    what tells short words apart (keywords: 2.6x chance with "mean", 15x with "row_stats" on the demo corpus,
-    benchmarks/RESULTS.md).
+    the mean and standard deviation over each row's valid time columns, 2 * Fg * C values per layer). Each
+    layer is pooled, then the layers are weighted and summed. The tokens of one frequency row share a band; the
+    overall mean averages the bands together, and with them most of what tells short words apart (keywords on the
+    demo corpus: 0.08 test accuracy with "mean", 0.31-0.34 with "row_stats"; benchmarks/RESULTS.md, session 7).
 
     ``layer_logits`` (L,) start at zero (equal weights). Only ``layer_logits`` and ``head`` are trainable;
     the encoder stays in eval mode (no dropout / stochastic depth) even when the probe trains. Before the

@@ -7,9 +7,9 @@ Two modes over any spectrogram encoder (SSAMBA or SSAST; pretrained, imported or
   learning-rate multiplier, warm-up, per-epoch MultiStepLR, SpecAugment, mixup, noise, weight averaging.
 * ``probe``: SUPERB-style frozen encoder, a learnable softmax-weighted sum of every layer's (LayerNormed)
   tokens, mean pooling over the valid patch tokens (or ``task.probe_pool = "row_stats"``: mean and std per
-  frequency row), one Linear layer. Only the layer weights and the
-  linear layer train. The frozen encoder is run once per split and its per-layer vectors cached (exact,
-  because LayerNorm is per token and the weighted sum and the mean are linear).
+  frequency row), one Linear layer. Only the layer weights and the linear layer train. The frozen encoder is
+  run once per split and its per-layer pooled vectors cached (exact: the probe pools each layer before the
+  weighted sum, cached or not).
 
 A step function and an eval function on the engine (``ssamba.train.engine``: DDP under torchrun, bf16 / fp16,
 gradient accumulation, the non-finite guard, exact resume). One optimizer step: the next batch from the resumable
