@@ -104,8 +104,8 @@ def scan_row_pair(dt0, dt1, u0, u1, a0, a1, b_bg, c_bg, y0, y1, last0, last1, sa
         a0_r, a1_r = a0[blk], a1[blk]  # (LANES,)
         b_r, c_r = b_bg[blk], c_bg[blk]  # (L, LANES)
         h[:] = zero
-        # Chunks of CHECKPOINT_EVERY steps, each checkpoint stored after its chunk: a test inside the step loop
-        # made the training forward (save) about 1.4x as slow as inference at L = 49 and 513.
+        # Chunks of CHECKPOINT_EVERY steps, each checkpoint stored after its chunk: with the test inside the step
+        # loop the training forward (save) ran visibly slower than inference, at 49 steps too, where it never fires.
         for t0 in range(0, seqlen, CHECKPOINT_EVERY):
             for t in range(t0, min(t0 + CHECKPOINT_EVERY, seqlen)):
                 d0, d1 = dt0[t], dt1[t]
