@@ -434,10 +434,10 @@ def _probes(ctx: Context, inits: dict[str, str], say=_say) -> tuple[list[dict], 
     p, out = ctx.plan, ctx.out / "downstream"
     rows, commands = [], []
     init_args = " ".join(f"--init {m}={_q(r)}" for m, r in inits.items())
-    groups = (("probe", "mean", [t for t in DOWNSTREAM_TASKS if t not in p.row_stats_tasks]),
-              ("probe_rows", "row_stats", list(p.row_stats_tasks)))
+    groups = (("probe", "mean", "probe", [t for t in DOWNSTREAM_TASKS if t not in p.row_stats_tasks]),
+              ("probe_rows", "row_stats", ROW_STATS_MODE, list(p.row_stats_tasks)))  # folder, pool, mode, tasks
     for seed in p.seeds:
-        for folder_name, pool, tasks in groups:
+        for folder_name, pool, mode, tasks in groups:
             if not tasks:
                 continue
             folder = out / f"{folder_name}_seed{seed}"
@@ -445,7 +445,6 @@ def _probes(ctx: Context, inits: dict[str, str], say=_say) -> tuple[list[dict], 
                                 f"{init_args} --tasks {' '.join(tasks)} --modes probe --probe-pool {pool} "
                                 f"--probe-epochs {p.probe_epochs} --batch-size {p.batch_size} --seed {seed}"))
             budget = CompareBudget(probe_epochs=p.probe_epochs, probe_pool=pool, batch_size=p.batch_size, seed=seed)
-            mode = "probe" if pool == "mean" else ROW_STATS_MODE
             rows += [{**r, "seed": seed, "mode": mode} for r in compare(ctx.manifests, folder, inits, tasks=tasks,
                                                                           modes=("probe",), budget=budget,
                                                                           log=lambda m: None)]  # fmt: skip
