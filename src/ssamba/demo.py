@@ -116,14 +116,14 @@ def make_plan(budget_minutes: float) -> Plan:
                     probe_epochs=2, finetune_steps=2, hubert_size="tiny", hubert_k=8, hubert_steps=2,
                     hubert_batch=2, ctc_steps=2, ctc_batch=2, bench_frames=(128, 256), bench_explicit_frames=(128,),
                     bench_batch=2, bench_budget_s=1.0, mi_seeds=1, mi_steps=30, mi_max_items=None)
-    # 20 minutes on a 2-core CPU (benchmarks/RESULTS.md, "`ssamba demo`", issue 20, for the measured stage times),
-    # sized so that a slow hour of the shared machine still fits: session 7's three fresh runs of the 250-step,
-    # 400-CTC-step plan took 19.7-21.7 minutes, the side lane (SSAST-tiny, its probes, Mamba-HuBERT, efficiency)
-    # being the longer.
-    # Pretraining: 225 steps; SSAMBA-tiny's masked-patch accuracy on this corpus was 5.8x chance at step 205 and
-    # 6.9x at 246 (session 7). Mamba-HuBERT: 900 masked-prediction steps (about 4 minutes of one core; its valid
-    # masked accuracy still rises at 900). CTC: 320 steps; at step 300 of session 7's 400-step runs the pretrained
-    # model's valid CER was 0.66 / 0.69 (two seeds) against 0.72 / 0.72 from scratch.
+    # 20 minutes on a 2-core CPU (benchmarks/RESULTS.md, "`ssamba demo`", issue 20, for the measured stage times).
+    # Pretraining: 250 steps put SSAMBA-tiny's masked-patch accuracy past 5x chance on this corpus (5.8x at step
+    # 205, 6.6-6.7x at 250), and its frozen features past the keyword bar; 225 steps (session 8) kept the masked
+    # accuracy (6.5x) but lost a quarter of the keyword probe's accuracy (10.3x chance against 13.1x) and the
+    # speaker gain.
+    # Mamba-HuBERT: 900 masked-prediction steps (about 3 minutes of one core; its valid masked accuracy still rises
+    # at 900). CTC: 400 steps put the pretrained model below scratch (test CER 0.652 vs 0.682, two seeds, session 7);
+    # 320 did not (0.696 vs 0.688, session 8).
     # Keywords: the probe over the mean of all patch tokens stays near chance (0.08); pooled per frequency row
     # (row_stats, Plan.row_stats_tasks) the same frozen features reach 0.31-0.34 (11-12x chance; RESULTS.md,
     # session 7) at the same cost. Fine-tuned end to end, 300 steps of 16 clips reach test accuracy 0.39 (14x
@@ -132,11 +132,11 @@ def make_plan(budget_minutes: float) -> Plan:
     # the 20-minute plan), so from 35 minutes on, 15 of them fine-tune keywords (pretrained and scratch,
     # one seed) and the rest scale every count.
     if b < 35:
-        return Plan(b, {}, pretrain_steps=round(225 * b / 20), finetune_tasks=(), hubert_steps=round(900 * b / 20),
-                    ctc_steps=round(320 * b / 20))
+        return Plan(b, {}, pretrain_steps=round(250 * b / 20), finetune_tasks=(), hubert_steps=round(900 * b / 20),
+                    ctc_steps=round(400 * b / 20))
     s = (b - 15) / 20
-    return Plan(b, {}, pretrain_steps=round(225 * s), finetune_steps=round(300 * s), finetune_seeds=(0,),
-                hubert_steps=round(900 * s), ctc_steps=round(320 * s))
+    return Plan(b, {}, pretrain_steps=round(250 * s), finetune_steps=round(300 * s), finetune_seeds=(0,),
+                hubert_steps=round(900 * s), ctc_steps=round(400 * s))
 
 
 @dataclass
