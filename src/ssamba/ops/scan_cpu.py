@@ -235,7 +235,7 @@ def _backward_kernel(
         )  # fmt: skip
 
 
-@numba.njit(**SERIAL)
+@numba.njit(**SERIAL, inline="always")
 def _backward_partition(
     part, u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias, softplus, has_z, y_pre, ckpt, dout, dlast,
     row_start, slot_start, du, ddelta, dz, d_a, d_d, d_bias, d_b, d_c,
@@ -244,7 +244,9 @@ def _backward_partition(
     time, as the forward (see scan_row_pair). A row without a partner (at the partition's end, or whose neighbour
     reads other B or C) is paired with a ghost: its own inputs with a zero output gradient and a zero final state
     gradient, so every gradient the ghost sends is exactly zero, and what it writes goes to scratch.
-    A function of its own so that its code can be inspected (``inspect_asm``) apart from the parallel wrapper."""
+    Inlined into the parallel loop: as a function of its own, numba compiled it twice (int64 and the parallel
+    loop's uint64 index) and LLVM then inlined one copy into the loop anyway, which made it most of a cold start's
+    compile time."""
     nb, nd, seqlen = u.shape
     nblocks = a_blk.shape[1]
     per_gb = nd // b_blk.shape[1]
