@@ -244,9 +244,9 @@ def _backward_partition(
     time, as the forward (see scan_row_pair). A row without a partner (at the partition's end, or whose neighbour
     reads other B or C) is paired with a ghost: its own inputs with a zero output gradient and a zero final state
     gradient, so every gradient the ghost sends is exactly zero, and what it writes goes to scratch.
-    Inlined into the parallel loop: as a function of its own, numba compiled it twice (int64 and the parallel
-    loop's uint64 index) and LLVM then inlined one copy into the loop anyway, which made it most of a cold start's
-    compile time."""
+    Inlined into the parallel loop: as a function of its own, numba compiled it twice (for the int64 index of the
+    function and the uint64 index of the parallel loop it makes of it), and LLVM then inlined one copy into the
+    loop anyway."""
     nb, nd, seqlen = u.shape
     nblocks = a_blk.shape[1]
     per_gb = nd // b_blk.shape[1]
