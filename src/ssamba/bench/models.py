@@ -830,7 +830,7 @@ def profile_forward(model: str = "ssamba_tiny", frames: int = 8192, batch: int =
         import numba
 
         torch.set_num_threads(threads)
-        numba.set_num_threads(threads)  # numba's OpenMP layer would otherwise reset the shared OpenMP count
+        numba.set_num_threads(threads)  # numba's kernels have a pool of their own (a second OpenMP runtime)
     torch.manual_seed(0)
     net = ssamba.create_model(model, input_tdim=frames, num_classes=NUM_CLASSES, **(overrides or {})).train(train)
     x = torch.randn(batch, frames, net.config.input_fdim)
