@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.nn.layers import reverse_padded
-from ssamba.ops import bimamba_cpu
+from ssamba.ops import mamba_inner_cpu
 from ssamba.ops.selective_scan import causal_conv1d, resolve_backend, resolve_conv_backend, selective_scan
 
 __all__ = ["ExtBiMamba", "InnerBiMamba", "Mamba"]
@@ -221,8 +221,36 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
         """hidden_states (B, L, M) -> (B, L, M). ``lengths`` is accepted for interface parity with the
         bidirectional mixers; a causal mixer needs no mask for right padding."""
+        if self._fused(hidden_states):
+            return self._fused_inner(hidden_states, lengths, ("",), 1.0)
         x, z = self._in_proj(hidden_states)  # (B, E, L) each
         return self._out_proj(self._ssm_xz(x, z, ""))
+
+    def _fused(self, hidden_states: Tensor) -> bool:
+        """Whether this forward takes :mod:`ssamba.ops.mamba_inner_cpu`'s fused chain: the fast path with the scan
+        and the conv both on their ``cpu`` backends (so ``use_backend`` / ``SSAMBA_SCAN_BACKEND`` choose between the
+        fused chain and the reference ops as they do for the others), float32 or float64, and no autocast while
+        autograd records (autocast's mixed-precision training takes the unfused ops)."""
+        if not self.fast_path or not mamba_inner_cpu.is_available(hidden_states):
+            return False
+        if torch.is_autocast_enabled(hidden_states.device.type) and torch.is_grad_enabled():
+            return False
+        return resolve_backend(hidden_states) == "cpu" and resolve_conv_backend(hidden_states) == "cpu"
+
+    def _fused_inner(self, hidden_states: Tensor, lengths: Tensor | None, suffixes: tuple[str, ...],
+                     scale: float) -> Tensor:  # fmt: skip
+        return mamba_inner_cpu.mamba_inner_cpu(
+            hidden_states, (self.in_proj.weight, self.in_proj.bias), tuple(self._direction(s) for s in suffixes),
+            (self.out_proj.weight, self.out_proj.bias), lengths, scale,
+        )  # fmt: skip
+
+    def _direction(self, suffix: str) -> mamba_inner_cpu.DirectionWeights:
+        conv: nn.Conv1d = getattr(self, "conv1d" + suffix)
+        dt_proj: nn.Linear = getattr(self, "dt_proj" + suffix)
+        return mamba_inner_cpu.DirectionWeights(
+            conv.weight, conv.bias, getattr(self, "x_proj" + suffix).weight, dt_proj.weight, dt_proj.bias,
+            -torch.exp(_at_least_f32(getattr(self, "A" + suffix + "_log"))), _at_least_f32(getattr(self, "D" + suffix)),
+        )  # fmt: skip
 
     def _in_proj(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
         """hidden_states (B, L, M) -> x, z (B, E, L) each. Fast path: two left-multiplications give x and z each
@@ -267,8 +295,8 @@ class InnerBiMamba(Mamba):
 
     def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
         """hidden_states (B, L, M), lengths (B,) or None -> (B, L, M)."""
-        if self._fused_inference(hidden_states):
-            return self._out_proj(self._fused_inner(hidden_states, lengths))
+        if self._fused(hidden_states):
+            return self._fused_inner(hidden_states, lengths, ("", "_b"), 0.5 if self.divide_out else 1.0)
         x, z = self._in_proj(hidden_states)  # (B, E, L) each
         y_f = self._ssm_xz(x, z, "")  # (B, E, L)
         # The backward direction. x and z are reversed apart: on the fast path they are contiguous and so are their
@@ -290,44 +318,6 @@ class InnerBiMamba(Mamba):
         if self.divide_out:
             y.div_(2)
         return self._out_proj(y)
-
-    def _fused_inference(self, hidden_states: Tensor) -> bool:
-        """Whether this forward takes :mod:`ssamba.ops.bimamba_cpu`'s fused chain: the fast path, nothing for
-        autograd to record, and the scan and the conv both on their ``cpu`` backends (so ``use_backend`` /
-        ``SSAMBA_SCAN_BACKEND`` choose between the fused chain and the reference ops as they do for the others)."""
-        if not self.fast_path or not bimamba_cpu.is_available(hidden_states):
-            return False
-        if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        return resolve_backend(hidden_states) == "cpu" and resolve_conv_backend(hidden_states) == "cpu"
-
-    def _fused_inner(self, hidden_states: Tensor, lengths: Tensor | None) -> Tensor:
-        """hidden_states (B, L, M) -> the out_proj input (B, E, L), through the fused inference kernels. x is
-        written into the first half of a (2, B, E, L) buffer whose second half holds the backward direction."""
-        h_t = hidden_states.transpose(1, 2)  # (B, M, L), a view
-        w, bias, e = self.in_proj.weight, self.in_proj.bias, self.d_inner
-        xu = hidden_states.new_empty(2, h_t.shape[0], e, h_t.shape[2])  # (2, B, E, L)
-        if torch.is_autocast_enabled(hidden_states.device.type):
-            # in_proj in autocast's dtype (bf16 GEMMs), its results brought back to the kernels' float32
-            xu[0].copy_(_left_mm(w[:e], h_t))
-            z = _left_mm(w[e:], h_t).to(xu.dtype)
-        else:
-            torch.bmm(w[:e].unsqueeze(0).expand(h_t.shape[0], -1, -1), h_t, out=xu[0])
-            z = _left_mm(w[e:], h_t)  # (B, E, L)
-        if bias is not None:
-            xu[0].add_(bias[:e, None])
-            z.add_(bias[e:, None])
-        return bimamba_cpu.bimamba_inner_cpu(xu, z, lengths, self._direction(""), self._direction("_b"),
-                                             self.divide_out)  # fmt: skip
-
-    def _direction(self, suffix: str) -> bimamba_cpu.DirectionWeights:
-        conv: nn.Conv1d = getattr(self, "conv1d" + suffix)
-        dt_proj: nn.Linear = getattr(self, "dt_proj" + suffix)
-        return bimamba_cpu.DirectionWeights(
-            conv.weight, conv.bias, getattr(self, "x_proj" + suffix).weight, dt_proj.weight, dt_proj.bias,
-            -torch.exp(_at_least_f32(getattr(self, "A" + suffix + "_log"))), getattr(self, "D" + suffix),
-        )  # fmt: skip
-
 
 class ExtBiMamba(nn.Module):
     """External bidirectional Mamba: two independent :class:`Mamba` mixers, the second run on the

@@ -41,7 +41,7 @@ from torch import Tensor
 from ssamba.ops.cpu_math import PARALLEL, SERIAL, sigmoid
 from ssamba.ops.selective_scan import register_conv_backend
 
-__all__ = ["causal_conv1d_cpu", "is_available", "padded_taps", "preactivation"]
+__all__ = ["backward_row", "causal_conv1d_cpu", "is_available", "padded_taps", "preactivation"]
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -107,7 +107,7 @@ def _forward_kernel(x, weight, bias, silu, out):
 
 @numba.njit(**PARALLEL)
 def _backward_kernel(x, weight, bias, silu, dout, dx, dweight, dbias):
-    """Gradients of :func:`_forward_kernel`, one row per iteration; the pre-activation is recomputed from x.
+    """Gradients of :func:`_forward_kernel`, one row per iteration (see :func:`backward_row`).
 
     x, dout, dx: (B, E, L); weight: (E, WP), left-padded; bias: (E,). Writes dx, and dweight: (B, E, WP) and
     dbias: (B, E), both float64, to be summed over the batch by the caller (each row owns its slot, so threads
@@ -115,63 +115,73 @@ def _backward_kernel(x, weight, bias, silu, dout, dx, dweight, dbias):
     """
     nb, ne, seqlen = x.shape
     wp = weight.shape[1]
-    n = np.uintp(seqlen)
-    one = x.dtype.type(1)
-    zero = x.dtype.type(0)
-    nfull = seqlen // SUM_CHUNK
     for row in prange(nb * ne):
         b = row // ne
         e = row % ne
-        x_r, dout_r, dx_r, w_r = x[b, e], dout[b, e], dx[b, e], weight[e]  # (L,) x3, (WP,)
-        gp = np.empty(seqlen + wp - 1, x.dtype)  # (L + WP - 1,) p, then its gradient g, then WP - 1 zeros
-        for i in range(wp - 1):
-            gp[seqlen + i] = 0
-        preactivation(x_r, w_r, bias[e], gp)
-        # Through u = p sigmoid(p): du/dp = s (1 + p (1 - s)), as torch's silu_backward.
-        if silu:
-            for t in range(n):
-                p = gp[t]
-                sg = sigmoid(p)
-                gp[t] = dout_r[t] * sg * (one + p * (one - sg))
-        else:
-            for t in range(n):
-                gp[t] = dout_r[t]
+        gp = np.empty(seqlen + wp - 1, x.dtype)
+        dbias[b, e] = backward_row(x[b, e], weight[e], bias[e], silu, dout[b, e], dx[b, e], gp, dweight[b, e])
 
-        # Tap k (shift s = WP - 1 - k) took x_t to p_(t+s), so dx_t = sum_k w_k g_(t+s), dweight_k = sum_t x_t
-        # g_(t+s) (g is zero past L) and dbias = sum_t g_t: one loop per block reads g once for all three. In
-        # block j, gj = gp[WP - 4 - j:] puts g_(t+s) of tap j + i at gj[t + 3 - i]. The block with no offset
-        # (the last) writes dx and sums dbias; the others (W > 4 only) add to dx.
-        db = 0.0
-        for j in range(wp - TAPS, -1, -TAPS):
-            w0, w1, w2, w3 = w_r[j], w_r[j + 1], w_r[j + 2], w_r[j + 3]
-            gj = gp[wp - TAPS - j :]
-            d0 = d1 = d2 = d3 = 0.0
-            for c in range(nfull + 1):  # float32 within a chunk, float64 across chunks (SUM_CHUNK)
-                lo = np.uintp(c * SUM_CHUNK)
-                steps = np.uintp(SUM_CHUNK) if c < nfull else n - lo  # the last chunk: the remainder
-                gc, xc, dxc = gj[lo:], x_r[lo:], dx_r[lo:]
-                a0 = a1 = a2 = a3 = ab = zero
-                if j == wp - TAPS:
-                    for t in range(steps):
-                        g0, g1, g2, g3, xt = gc[t], gc[t + 1], gc[t + 2], gc[t + 3], xc[t]
-                        dxc[t] = w0 * g3 + w1 * g2 + w2 * g1 + w3 * g0
-                        ab += g0
-                        a0 += xt * g3
-                        a1 += xt * g2
-                        a2 += xt * g1
-                        a3 += xt * g0
-                    db += ab
-                else:
-                    for t in range(steps):
-                        g0, g1, g2, g3, xt = gc[t], gc[t + 1], gc[t + 2], gc[t + 3], xc[t]
-                        dxc[t] += w0 * g3 + w1 * g2 + w2 * g1 + w3 * g0
-                        a0 += xt * g3
-                        a1 += xt * g2
-                        a2 += xt * g1
-                        a3 += xt * g0
-                d0, d1, d2, d3 = d0 + a0, d1 + a1, d2 + a2, d3 + a3
-            dweight[b, e, j], dweight[b, e, j + 1], dweight[b, e, j + 2], dweight[b, e, j + 3] = d0, d1, d2, d3
-        dbias[b, e] = db
+
+@numba.njit(**SERIAL, inline="always")
+def backward_row(x_r, w_r, bias_e, silu, dout_r, dx_r, gp, dweight_r):
+    """The gradients of one (batch, channel) row; the pre-activation is recomputed from x. Returns d bias (float64).
+
+    x_r, dout_r, dx_r: (L,), dx_r written; w_r: (WP,) left-padded taps; gp: (L + WP - 1,) scratch;
+    dweight_r: (WP,) float64, written.
+    """
+    seqlen, wp = x_r.shape[0], w_r.shape[0]
+    n = np.uintp(seqlen)
+    one = x_r.dtype.type(1)
+    zero = x_r.dtype.type(0)
+    nfull = seqlen // SUM_CHUNK
+    for i in range(wp - 1):  # gp: p, then its gradient g, then WP - 1 zeros
+        gp[seqlen + i] = 0
+    preactivation(x_r, w_r, bias_e, gp)
+    # Through u = p sigmoid(p): du/dp = s (1 + p (1 - s)), as torch's silu_backward.
+    if silu:
+        for t in range(n):
+            p = gp[t]
+            sg = sigmoid(p)
+            gp[t] = dout_r[t] * sg * (one + p * (one - sg))
+    else:
+        for t in range(n):
+            gp[t] = dout_r[t]
+
+    # Tap k (shift s = WP - 1 - k) took x_t to p_(t+s), so dx_t = sum_k w_k g_(t+s), dweight_k = sum_t x_t
+    # g_(t+s) (g is zero past L) and dbias = sum_t g_t: one loop per block reads g once for all three. In
+    # block j, gj = gp[WP - 4 - j:] puts g_(t+s) of tap j + i at gj[t + 3 - i]. The block with no offset
+    # (the last) writes dx and sums dbias; the others (W > 4 only) add to dx.
+    db = 0.0
+    for j in range(wp - TAPS, -1, -TAPS):
+        w0, w1, w2, w3 = w_r[j], w_r[j + 1], w_r[j + 2], w_r[j + 3]
+        gj = gp[wp - TAPS - j :]
+        d0 = d1 = d2 = d3 = 0.0
+        for c in range(nfull + 1):  # float32 within a chunk, float64 across chunks (SUM_CHUNK)
+            lo = np.uintp(c * SUM_CHUNK)
+            steps = np.uintp(SUM_CHUNK) if c < nfull else n - lo  # the last chunk: the remainder
+            gc, xc, dxc = gj[lo:], x_r[lo:], dx_r[lo:]
+            a0 = a1 = a2 = a3 = ab = zero
+            if j == wp - TAPS:
+                for t in range(steps):
+                    g0, g1, g2, g3, xt = gc[t], gc[t + 1], gc[t + 2], gc[t + 3], xc[t]
+                    dxc[t] = w0 * g3 + w1 * g2 + w2 * g1 + w3 * g0
+                    ab += g0
+                    a0 += xt * g3
+                    a1 += xt * g2
+                    a2 += xt * g1
+                    a3 += xt * g0
+                db += ab
+            else:
+                for t in range(steps):
+                    g0, g1, g2, g3, xt = gc[t], gc[t + 1], gc[t + 2], gc[t + 3], xc[t]
+                    dxc[t] += w0 * g3 + w1 * g2 + w2 * g1 + w3 * g0
+                    a0 += xt * g3
+                    a1 += xt * g2
+                    a2 += xt * g1
+                    a3 += xt * g0
+            d0, d1, d2, d3 = d0 + a0, d1 + a1, d2 + a2, d3 + a3
+        dweight_r[j], dweight_r[j + 1], dweight_r[j + 2], dweight_r[j + 3] = d0, d1, d2, d3
+    return db
 
 
 # ------------------------------------------------------------------------------------------- torch glue

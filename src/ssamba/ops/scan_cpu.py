@@ -44,8 +44,8 @@ from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, exp, sigmo
 from ssamba.ops.cpu_math import softplus as softplus_of  # the kernels' `softplus` is their on/off flag
 from ssamba.ops.selective_scan import check_scan_inputs, register_backend
 
-__all__ = ["CHECKPOINT_EVERY", "LANES", "a_blocks", "is_available", "scan_row_pair", "selective_scan_cpu",
-           "state_blocks"]
+__all__ = ["CHECKPOINT_EVERY", "LANES", "WORK_ROWS", "a_blocks", "backward_chunk", "is_available", "partitions",
+           "scan_row_pair", "selective_scan_cpu", "state_blocks"]
 
 # One AVX-512 register of float32; N=16 (Mamba-1's d_state) fills it exactly. Literal trip counts of LANES let
 # LLVM turn each per-step loop over the state into straight vector code (a runtime N made it 2.5x slower).
@@ -60,7 +60,7 @@ CHECKPOINT_EVERY = 128
 # rows that move with the step j by a constant offset each, so LLVM can prove they never overlap and vectorises the
 # loop without runtime alias checks. (With separate arrays, or with rows at fixed places next to rows that move with
 # j, it gave up and ran the lanes one by one: the whole backward was about 2.5x slower.) Unsigned, like every row
-# index used with them (see _backward_chunk).
+# index used with them (see backward_chunk).
 _K_U = np.uintp(CHECKPOINT_EVERY)
 _ONE_U = np.uintp(1)
 _W_B = np.uintp(0)  # K rows: B_j
@@ -77,7 +77,7 @@ _W_DA0 = _W_A1 + _K_U  # K + 1 rows each: dA summed over steps j .. end of chunk
 _W_DA1 = _W_DA0 + _K_U + _ONE_U
 _W_CARRY0 = _W_DA1 + _K_U + _ONE_U  # K + 1 rows each: what step j sends back to step j - 1, at row j
 _W_CARRY1 = _W_CARRY0 + _K_U + _ONE_U
-_W_ROWS = int(_W_CARRY1 + _K_U + _ONE_U)
+WORK_ROWS = int(_W_CARRY1 + _K_U + _ONE_U)
 # ----------------------------------------------------------------------------------------------- kernels
 
 
@@ -260,7 +260,7 @@ def _backward_partition(
     ghost_du = np.empty(seqlen, u.dtype)
     zeros = np.zeros(seqlen, u.dtype)
     zero_state = np.zeros(LANES, u.dtype)
-    work = np.empty((_W_ROWS, LANES), u.dtype)  # (W_ROWS, LANES) a chunk's working set, rows _W_*
+    work = np.empty((WORK_ROWS, LANES), u.dtype)  # (W_ROWS, LANES) a chunk's working set, rows _W_*
     da_rows = np.empty((2, LANES), np.float64)  # (2, LANES) dA summed over each row, in float64
     first_b = row_start[part] // nd
     row = row_start[part]
@@ -288,7 +288,7 @@ def _backward_partition(
             for chunk in range(nchunks - 1, -1, -1):
                 t0 = chunk * CHECKPOINT_EVERY
                 steps = min(CHECKPOINT_EVERY, seqlen - t0)
-                _backward_chunk(
+                backward_chunk(
                     work, chunk == nchunks - 1, np.uintp(steps), t0, dt[0], dt[1], u[b, d0], u1, dy[0], dy1,
                     du[b, d0], du1, ddt[0], ddt[1], a_blk[d0, blk], a_blk[d1, blk], b_r.reshape(seqlen * LANES),
                     c_r.reshape(seqlen * LANES), ckpt[b, d0, blk], ckpt[b, d1, blk], dlast[b, d0, blk],
@@ -356,7 +356,7 @@ def _backward_row_end(b, d, delta, delta_bias, softplus, ddt, ddelta, d_bias):
 
 
 @numba.njit(**SERIAL, inline="always")
-def _backward_chunk(
+def backward_chunk(
     work, is_last, steps, t0, dt0, dt1, u0, u1, dy0, dy1, du0, du1, ddt0, ddt1, a0, a1, b_flat, c_flat, ckpt0,
     ckpt1, dlast0, dlast1, da_rows, db_flat, dc_flat,
 ):  # fmt: skip
@@ -374,7 +374,7 @@ def _backward_chunk(
     """
     zero = u0.dtype.type(0)
     chunk = t0 // CHECKPOINT_EVERY
-    w_flat = work.reshape(_W_ROWS * LANES)
+    w_flat = work.reshape(WORK_ROWS * LANES)
     lanes = np.uintp(LANES)
     base = np.uintp(t0) * lanes  # flat index of step t0 in b_flat, c_flat, db_flat, dc_flat
     for k in range(LANES):
@@ -548,7 +548,7 @@ def _run_forward(p: _Prepared, softplus: bool, save: bool) -> tuple[Tensor, Tens
     return out, last.view(nb, nd, nblocks * LANES), y_pre, ckpt
 
 
-def _partitions(nb: int, nd: int) -> tuple[np.ndarray, np.ndarray, Tensor]:
+def partitions(nb: int, nd: int) -> tuple[np.ndarray, np.ndarray, Tensor]:
     """Cached :func:`_split_rows` for the current thread count (building it cost 0.1 ms a call, 2% of a
     B=16, L=49 backward on one thread). The kernel and ``_bc_grad`` only read the arrays."""
     return _split_rows(nb, nd, numba.get_num_threads())
@@ -604,7 +604,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         dlast_p = torch.zeros(nb, nd, nblocks, LANES, dtype=dtype)
         if dlast is not None:
             dlast_p.view(nb, nd, nblocks * LANES)[..., :nstate] = dlast
-        row_start, slot_start, slot_batch = _partitions(nb, nd)
+        row_start, slot_start, slot_batch = partitions(nb, nd)
         nslots = slot_batch.shape[0]
         du, ddelta = torch.empty_like(p.u), torch.empty_like(p.u)
         dz = torch.empty_like(p.u) if p.has_z else torch.empty(1, 1, 1, dtype=dtype)
