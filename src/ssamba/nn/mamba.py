@@ -20,14 +20,16 @@ Faithful or fast, chosen at construction (``fast_path``, as ``mamba_ssm``'s ``us
     fast_path=False  the official operation order (token-major projections, ``in_proj(h)`` then transposed views)
                      and the reference scan (``backend="reference"``): the official float32 numbers bit for bit,
                      which ``ssamba conformance`` replays;
-    fast_path=True   (default) the projections multiply from the left so that x, z, delta, B and C come out
-                     channel-major, the layout the scan reads, without transposing copies; the causal conv + SiLU
-                     and the scan run on automatically chosen backends (``ssamba.ops.selective_scan``; on CPU
-                     fused numba kernels; ``SSAMBA_SCAN_BACKEND`` / ``use_backend`` override). The same products
-                     grouped differently:
-                     it agrees with the faithful path to float32 rounding (tests/test_mamba.py states the tolerance).
-                     Without autograd on CPU, InnerBiMamba runs its whole inner chain through the fused kernels of
-                     ``ssamba.ops.bimamba_cpu`` (the same function, in place, three (B, E, L) tensors alive).
+    fast_path=True   (default) on CPU (float32/float64, the scan and conv backends ``cpu``): the whole mixer,
+                     in_proj to out_proj, is one fused operation with a hand-written backward,
+                     ``ssamba.ops.mamba_inner_cpu`` (every projection one GEMM over all B*L tokens, both
+                     directions' conv, scan and gate in three parallel numba passes each way). Elsewhere (CUDA,
+                     bf16 weights, autocast training, ``use_backend("triton")``...) the unfused ops: the projections
+                     multiply from the left so that x, z, delta, B and C come out channel-major, the layout the
+                     scan reads, and the causal conv + SiLU and the scan run on the chosen backends
+                     (``ssamba.ops.selective_scan``; ``SSAMBA_SCAN_BACKEND`` / ``use_backend`` override). Both agree
+                     with the faithful path to float32 rounding (tests/test_mamba.py, tests/test_mamba_inner_cpu.py
+                     state the tolerances).
 
 Padding: ``lengths`` (B,) gives each item's valid prefix. The forward direction is causal, so right
 padding cannot reach valid positions; the backward direction reverses only the valid part of each item

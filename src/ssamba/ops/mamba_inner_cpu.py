@@ -136,9 +136,9 @@ def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, save
     """y = scan(u, softplus(dt_weight @ x_dbl[:R] + dt_bias), ...) + D u; a pair of channels of one (direction,
     batch item) per iteration (see scan_cpu.scan_row_pair), every direction in one parallel region.
 
-    u, y: (K, E, B, L) (y may be u itself); x_dbl: (K, P, B, L); dt_weight: (K, E, R); dt_bias, d_skip: (K, E);
-    a_blk: (K, E, NB, LANES); b_blk, c_blk: (K, B, NB, L, LANES); ckpt: (K, E, B, NB, S, LANES), written when
-    ``save`` (else any array of that rank, not touched).
+    u, y: (K, E, B, L) (without ``save`` y is not used: the result is written over u); x_dbl: (K, P, B, L);
+    dt_weight: (K, E, R); dt_bias, d_skip: (K, E); a_blk: (K, E, NB, LANES); b_blk, c_blk: (K, B, NB, L, LANES);
+    ckpt: (K, E, B, NB, S, LANES), written when ``save`` (else any array of that rank, not touched).
     """
     ndir, ne, nb, seqlen = u.shape
     nblocks = a_blk.shape[2]
@@ -162,76 +162,88 @@ def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, save
         ck1 = ckpt[k, e1, b] if save else ckpt[0, 0, 0]
         scan_row_pair(dt0, dt1, u0, u1, a_blk[k, e0], a_blk[k, e1], b_blk[k, b], c_blk[k, b], y0, y1, last, last,
                       save, ck0, ck1)  # fmt: skip
-        _skip_row(y[k, e0, b], y0, u0, d_skip[k, e0])
+        _skip_row(y[k, e0, b], y0, u0, d_skip[k, e0], save)
         if e1 != e0:
-            _skip_row(y[k, e1, b], y1, u1, d_skip[k, e1])
+            _skip_row(y[k, e1, b], y1, u1, d_skip[k, e1], save)
 
 
 @numba.njit(**SERIAL, inline="always")
-def _skip_row(y_r, readout, u_r, skip):
-    """y_r[t] = readout[t] + skip u_r[t]: the D skip (y_r may be u_r)."""
-    for t in range(u_r.shape[0]):
-        y_r[t] = readout[t] + skip * u_r[t]
+def _skip_row(y_r, readout, u_r, skip, separate):
+    """y_r[t] = readout[t] + skip u_r[t] (the D skip), or written over u_r unless ``separate``. Two loops rather
+    than y_r aliasing u_r: LLVM checks at run time that the arrays of a loop do not overlap, and runs the loop
+    scalar when they do, so each loop names the arrays it really writes."""
+    if separate:
+        for t in range(u_r.shape[0]):
+            y_r[t] = readout[t] + skip * u_r[t]
+    else:
+        for t in range(u_r.shape[0]):
+            u_r[t] = readout[t] + skip * u_r[t]
 
 
 @numba.njit(**PARALLEL)
-def _gate_kernel(y, z, lengths, scale, out):
-    """out = silu(z) * (y_0 [+ rev(y_1)]) * scale; one (channel, batch item) row per iteration.
+def _gate_kernel(y, z, lengths, scale, out, in_place):
+    """out = silu(z) * (y_0 [+ rev(y_1)]) * scale, or written over z when ``in_place`` (out then not used); one
+    (channel, batch item) row per iteration.
 
-    y: (K, E, B, L); z, out: (E, B, L) (out may be z itself); lengths: (B,).
+    y: (K, E, B, L); z, out: (E, B, L); lengths: (B,).
     """
     ndir, ne, nb, seqlen = y.shape
     for row in prange(ne * nb):
         e = row // nb
         b = row % nb
-        y0, z_r, o_r = y[0, e, b], z[e, b], out[e, b]  # (L,)
-        if ndir == 1:
+        ysum = np.empty(seqlen, z.dtype)  # (L,) y_0 [+ rev(y_1)]
+        _direction_sum(y, e, b, np.uintp(lengths[b]), ysum)
+        z_r = z[e, b]  # (L,)
+        if in_place:
             for t in range(seqlen):
                 zt = z_r[t]
-                o_r[t] = y0[t] * (zt * sigmoid(zt)) * scale
-            continue
-        n = np.uintp(lengths[b])
-        last = n - np.uintp(1)
-        y1 = y[1, e, b]
-        for t in range(n):
-            zt = z_r[t]
-            o_r[t] = (y0[t] + y1[last - t]) * (zt * sigmoid(zt)) * scale
-        for t in range(n, np.uintp(seqlen)):
-            zt = z_r[t]
-            o_r[t] = (y0[t] + y1[t]) * (zt * sigmoid(zt)) * scale
+                z_r[t] = ysum[t] * (zt * sigmoid(zt)) * scale
+        else:
+            o_r = out[e, b]
+            for t in range(seqlen):
+                zt = z_r[t]
+                o_r[t] = ysum[t] * (zt * sigmoid(zt)) * scale
+
+
+@numba.njit(**SERIAL, inline="always")
+def _direction_sum(y, e, b, n, ysum):
+    """ysum = y[0, e, b] [+ rev(y[1, e, b])] with n valid steps."""
+    y0 = y[0, e, b]  # (L,)
+    if y.shape[0] == 1:
+        for t in range(ysum.shape[0]):
+            ysum[t] = y0[t]
+    else:
+        _reverse_valid(y[1, e, b], n, ysum)
+        for t in range(ysum.shape[0]):
+            ysum[t] += y0[t]
 
 
 @numba.njit(**PARALLEL)
-def _gate_backward_kernel(dout, z, y, lengths, scale, out, dz, dy):
-    """Through the gate: dz = dout scale (y_0 [+ rev(y_1)]) silu'(z), dy_0 = dout scale silu(z) and dy_1 its
-    reversal; also the gate's output again into ``out`` (out_proj's weight gradient needs it).
+def _gate_backward_kernel(dg, z, y, lengths, scale, dz, dy):
+    """Through the gate: dz = dg scale (y_0 [+ rev(y_1)]) silu'(z), dy_0 = dg scale silu(z) [and dy_1, its
+    reversal]; dg becomes the gate's output again (out_proj's weight gradient needs it), in place.
 
-    dout, z, out, dz: (E, B, L); y, dy: (K, E, B, L); lengths: (B,).
+    dg, z, dz: (E, B, L); y, dy: (K, E, B, L); lengths: (B,).
     """
     ndir, ne, nb, seqlen = y.shape
     one = z.dtype.type(1)
     for row in prange(ne * nb):
         e = row // nb
         b = row % nb
-        g_r, z_r, o_r, dz_r, y0, dy0 = dout[e, b], z[e, b], out[e, b], dz[e, b], y[0, e, b], dy[0, e, b]  # (L,)
+        n = np.uintp(lengths[b])
         ysum = np.empty(seqlen, z.dtype)  # (L,) y_0 [+ rev(y_1)]
-        if ndir == 1:
-            for t in range(seqlen):
-                ysum[t] = y0[t]
-        else:
-            _reverse_valid(y[1, e, b], np.uintp(lengths[b]), ysum)
-            for t in range(seqlen):
-                ysum[t] += y0[t]
+        _direction_sum(y, e, b, n, ysum)
+        dg_r, z_r, dz_r, dy0 = dg[e, b], z[e, b], dz[e, b], dy[0, e, b]  # (L,)
         for t in range(seqlen):
             zt = z_r[t]
             s = sigmoid(zt)
             silu = zt * s
-            g = g_r[t] * scale
-            o_r[t] = ysum[t] * silu * scale
-            dz_r[t] = g * ysum[t] * s * (one + zt * (one - s))
+            g = dg_r[t] * scale
             dy0[t] = g * silu
+            dz_r[t] = g * ysum[t] * s * (one + zt * (one - s))
+            dg_r[t] = ysum[t] * silu * scale
         if ndir == 2:
-            _reverse_valid(dy0, np.uintp(lengths[b]), dy[1, e, b])
+            _reverse_valid(dy0, n, dy[1, e, b])
 
 
 @numba.njit(**PARALLEL)
@@ -344,10 +356,11 @@ def _softplus_backward(pre, ddt, ddelta_r):
 
 
 @numba.njit(**PARALLEL)
-def _conv_backward_kernel(x, weight, bias, lengths, du, dx, dweight, dbias):
-    """Gradients of :func:`_conv_kernel`: dx = conv_0'(du_0) [+ rev(conv_1'(du_1))]; one row per iteration.
+def _conv_backward_kernel(x, weight, bias, lengths, du, dweight, dbias):
+    """Gradients of :func:`_conv_kernel`: dx = conv_0'(du_0) [+ rev(conv_1'(du_1))], written over du[0] (each row of
+    du_0 is read into conv_cpu.backward_row's scratch before its dx is written); one row per iteration.
 
-    x, dx: (E, B, L); du: (K, E, B, L); weight: (K, E, WP); bias: (K, E); lengths: (B,). Writes dx, and
+    x: (E, B, L); du: (K, E, B, L); weight: (K, E, WP); bias: (K, E); lengths: (B,). Writes dx into du[0], and
     dweight: (K, E, B, WP), dbias: (K, E, B), float64, to be summed over the batch by the caller.
     """
     ndir, ne, nb, seqlen = du.shape
@@ -355,17 +368,17 @@ def _conv_backward_kernel(x, weight, bias, lengths, du, dx, dweight, dbias):
     for row in prange(ne * nb):
         e = row // nb
         b = row % nb
-        x_r, dx_r = x[e, b], dx[e, b]  # (L,)
+        n = np.uintp(lengths[b])
+        x_r, dx_r = x[e, b], du[0, e, b]  # (L,)
         gp = np.empty(seqlen + wp - 1, x.dtype)  # scratch of conv_cpu.backward_row
-        dbias[0, e, b] = conv_backward_row(x_r, weight[0, e], bias[0, e], True, du[0, e, b], dx_r, gp,
-                                           dweight[0, e, b])  # fmt: skip
         if ndir == 2:
-            n = np.uintp(lengths[b])
             x_rev = np.empty(seqlen, x.dtype)
             dx_rev = np.empty(seqlen, x.dtype)
             _reverse_valid(x_r, n, x_rev)
             dbias[1, e, b] = conv_backward_row(x_rev, weight[1, e], bias[1, e], True, du[1, e, b], dx_rev, gp,
                                                dweight[1, e, b])  # fmt: skip
+        dbias[0, e, b] = conv_backward_row(x_r, weight[0, e], bias[0, e], True, dx_r, dx_r, gp, dweight[0, e, b])
+        if ndir == 2:
             last = n - np.uintp(1)
             for t in range(n):
                 dx_r[t] += dx_rev[last - t]
@@ -390,7 +403,7 @@ class _Weights(NamedTuple):
 
     conv_w: Tensor  # (K, E, WP) left-padded taps
     conv_b: Tensor  # (K, E), zeros without a bias
-    x_proj_w: Tensor  # (K, P, E)
+    x_proj_w: tuple[Tensor, ...]  # K x (P, E), not stacked: only the GEMMs read them
     dt_w: Tensor  # (K, E, R)
     dt_b: Tensor  # (K, E)
     a_blk: Tensor  # (K, E, NB, LANES)
@@ -407,7 +420,7 @@ def _kernel_weights(dirs: tuple[DirectionWeights, ...], dtype: torch.dtype) -> _
     return _Weights(
         conv_w=torch.stack([padded_taps(d.conv_weight, dtype) for d in dirs]),
         conv_b=stacked([d.conv_bias if d.conv_bias is not None else torch.zeros(ne) for d in dirs]),
-        x_proj_w=stacked([d.x_proj_weight for d in dirs]),
+        x_proj_w=tuple(d.x_proj_weight.detach().to(dtype) for d in dirs),
         dt_w=stacked([d.dt_proj_weight for d in dirs]),
         dt_b=stacked([d.dt_proj_bias for d in dirs]),
         a_blk=torch.stack([a_blocks(d.A, dtype, nblocks) for d in dirs]),
@@ -435,7 +448,7 @@ def _inner_forward(x: Tensor, z: Tensor, u: Tensor, w: _Weights, lengths_np: np.
     the checkpoints (K, E, B, NB, S, LANES) for the backward when ``save``. u (K, E, B, L) receives the conv's
     outputs; u[0] may be x's memory. Without ``save`` it works in place: y is u and the output is z."""
     ndir, ne, nb, seqlen = u.shape
-    nproj, rank = w.x_proj_w.shape[1], w.dt_w.shape[2]
+    nproj, rank = w.x_proj_w[0].shape[0], w.dt_w.shape[2]
     nblocks = w.a_blk.shape[2]
     nstate = (nproj - rank) // 2
     with torch.profiler.record_function("ssamba::causal_conv1d"):
@@ -454,7 +467,7 @@ def _inner_forward(x: Tensor, z: Tensor, u: Tensor, w: _Weights, lengths_np: np.
                      _np(w.d_skip), save, _np(y), _np(ckpt))  # fmt: skip
     with torch.profiler.record_function("ssamba::gate"):
         out = u.new_empty(ne, nb, seqlen) if save else z
-        _gate_kernel(_np(y), _np(z), lengths_np, _np(y).dtype.type(scale), _np(out))
+        _gate_kernel(_np(y), _np(z), lengths_np, _np(y).dtype.type(scale), _np(out), not save)
     return out, x_dbl, y, ckpt
 
 
@@ -502,18 +515,20 @@ class _MambaInnerFn(torch.autograd.Function):
         h, in_w, out_w, xz, u, x_dbl, y, ckpt = ctx.saved_tensors
         w: _Weights = ctx.w
         ndir, ne, nb, seqlen = u.shape
-        nproj, rank = w.x_proj_w.shape[1], w.dt_w.shape[2]
+        nproj, rank = w.x_proj_w[0].shape[0], w.dt_w.shape[2]
         nstate = (nproj - rank) // 2
         tokens = nb * seqlen
+        # Gradient buffers double up where a tensor is read for the last time before the one replacing it is
+        # written (fewer fresh pages, which the allocator may fault in anew every step): dg -> the gate's output g,
+        # dy -> ddelta, du[0] -> dx. Saved tensors stay untouched, so the backward can run again (retain_graph).
         d2 = dout.reshape(tokens, -1).to(u.dtype)  # (B*L, M)
         dg = torch.mm(out_w.to(u.dtype).t(), d2.t()).view(ne, nb, seqlen)  # (E, B, L)
-        dxz = torch.empty_like(xz)  # (2E, B, L)
-        dy = torch.empty_like(y)
-        g = torch.empty(ne, nb, seqlen, dtype=u.dtype)
+        dz, dy = torch.empty_like(dg), torch.empty_like(y)
         with torch.profiler.record_function("ssamba::gate"):
             _gate_backward_kernel(_np(dg), _np(xz[ne:]), _np(y), ctx.lengths_np, _np(y).dtype.type(ctx.scale),
-                                  _np(g), _np(dxz[ne:]), _np(dy))  # fmt: skip
-        d_out_w = torch.mm(d2.t(), g.view(ne, tokens).t())  # (M, E)
+                                  _np(dz), _np(dy))  # fmt: skip
+        d_out_w = torch.mm(d2.t(), dg.view(ne, tokens).t())  # (M, E): dg holds g now
+        del dg
 
         with torch.profiler.record_function("ssamba::selective_scan"):
             nblocks = w.a_blk.shape[2]
@@ -521,7 +536,8 @@ class _MambaInnerFn(torch.autograd.Function):
             c_blk = _state_blocks(x_dbl, rank + nstate, nstate, nblocks)
             row_start, slot_start, slot_kb = partitions(ndir * nb, ne)
             nslots = slot_kb.shape[0]
-            du, ddelta = torch.empty_like(u), torch.empty_like(u)
+            du = torch.empty_like(u)
+            ddelta = dy  # each row of dy is read for the last time before its ddelta is written
             d_a = torch.empty(ndir, ne, nb, nblocks, LANES, dtype=torch.float64)
             d_d = torch.empty(ndir, ne, nb, dtype=torch.float64)
             d_bias = torch.empty(ndir, ne, nb, dtype=torch.float64)
@@ -536,7 +552,7 @@ class _MambaInnerFn(torch.autograd.Function):
         _unblocked_into(dx_dbl[:, rank : rank + nstate], d_b, slot_kb, ndir, nb)
         _unblocked_into(dx_dbl[:, rank + nstate :], d_c, slot_kb, ndir, nb)
         d_dt_w = torch.empty_like(w.dt_w)
-        d_x_proj_w = torch.empty_like(w.x_proj_w)
+        d_x_proj_w = u.new_empty(ndir, nproj, ne)
         for k in range(ndir):
             ddelta_k = ddelta[k].view(ne, tokens)
             torch.mm(w.dt_w[k].t(), ddelta_k, out=dx_dbl[k, :rank].view(rank, tokens))
@@ -549,15 +565,20 @@ class _MambaInnerFn(torch.autograd.Function):
         d_conv_b = torch.empty(ndir, ne, nb, dtype=torch.float64)
         with torch.profiler.record_function("ssamba::causal_conv1d"):
             _conv_backward_kernel(_np(xz[:ne]), _np(w.conv_w), _np(w.conv_b), ctx.lengths_np, _np(du),
-                                  _np(dxz[:ne]), _np(d_conv_w), _np(d_conv_b))  # fmt: skip
-        dxz2 = dxz.view(2 * ne, tokens)
-        dh = torch.mm(dxz2.t(), in_w.to(u.dtype)).view(h.shape)  # (B, L, M)
-        d_in_w = torch.mm(dxz2, h.reshape(tokens, -1).to(u.dtype))  # (2E, M)
+                                  _np(d_conv_w), _np(d_conv_b))  # fmt: skip
+        dx = du[0].view(ne, tokens)
+        dz = dz.view(ne, tokens)
+        h2 = h.reshape(tokens, -1).to(u.dtype)
+        in_w = in_w.to(u.dtype)
+        dh = torch.mm(dx.t(), in_w[:ne]).addmm_(dz.t(), in_w[ne:]).view(h.shape)  # (B, L, M)
+        d_in_w = torch.empty_like(in_w)  # (2E, M)
+        torch.mm(dx, h2, out=d_in_w[:ne])
+        torch.mm(dz, h2, out=d_in_w[ne:])
         wp, width, nstate_a = w.conv_w.shape[2], ctx.conv_width, ctx.nstate
         grads = (
             dh,
             d_in_w,
-            dxz2.sum(1) if ctx.has_bias[0] else None,
+            torch.cat([dx.sum(1), dz.sum(1)]) if ctx.has_bias[0] else None,
             d_conv_w.sum(2)[:, :, wp - width :],
             d_conv_b.sum(2) if ctx.has_bias[1] else None,
             d_x_proj_w,
@@ -613,7 +634,8 @@ def mamba_inner_cpu(
             dst += in_b[k * ne : (k + 1) * ne, None]
     buf = buf.view((ndir + 1) * ne, nb, seqlen)
     u = buf[: ndir * ne].view(ndir, ne, nb, seqlen)
-    g, _, _, _ = _inner_forward(buf[:ne], buf[ndir * ne :], u, w, lengths_np, scale, save=False)
+    g = _inner_forward(buf[:ne], buf[ndir * ne :], u, w, lengths_np, scale, save=False)[0]
+    del w, u  # the kernels' weight copies, before out_proj's output exists
     out = torch.mm(g.view(ne, nb * seqlen).t(), out_w.t())  # (B*L, M), in autocast's dtype under autocast
     if out_b is not None:
         out = out + out_b
