@@ -167,7 +167,7 @@ class Stage:
     # "main": in this process, in order; "side": in one child process, in order, beside the main lane (each lane
     # one thread: on two cores two single-threaded lanes do more than one two-threaded one)
     lane: str = "main"
-    # stages (of the other lane) whose results this one reads: it waits for them
+    # stages of the other lane whose results this one reads: it waits for them
     needs: tuple[str, ...] = ()
 
 
@@ -856,7 +856,8 @@ STAGES = [
     Stage("parity", "Feature parity with the official code", _parity_stage),
     Stage("model_parity", "Model parity with the official code", _model_parity_stage),
     # the side lane: SSAST-tiny's pretraining and its probe cells (needed by the downstream stage), Mamba-HuBERT, then
-    # the benchmark
+    # the mutual information (which reads SSAMBA-tiny's and Mamba-HuBERT's models); the main lane ends with the
+    # benchmark, so that both lanes end together (each about 18 minutes of work at the 20-minute plan)
     Stage("pretrain_ssast", "Self-supervised pretraining: SSAST-tiny",
           lambda ctx: _pretrain_stage(ctx, "ssast_tiny"), products=("pretrain/ssast_tiny/final/config.json",),
           lane="side"),
@@ -864,14 +865,14 @@ STAGES = [
           products=("downstream/probe_seed0/compare.json",), lane="side"),
     Stage("hubert", "Mamba-HuBERT", _hubert_stage,
           products=("hubert/pt_extbimamba/final/config.json", "hubert/ctc_conformer/metrics.json"), lane="side"),
-    Stage("bench", "Efficiency: SSAMBA vs SSAST inference", _bench_stage, products=("bench_models.csv",),
-          lane="side"),
+    Stage("mi", "Layer-wise mutual information", _mi_stage, products=("mi/mi.json",), lane="side",
+          needs=("pretrain", "downstream")),
     # the main lane
     Stage("pretrain", "Self-supervised pretraining: SSAMBA-tiny", lambda ctx: _pretrain_stage(ctx, "ssamba_tiny"),
           products=("pretrain/ssamba_tiny/final/config.json",)),
     Stage("downstream", "Downstream: pretrained vs scratch", _downstream_stage, products=("downstream/summary.json",),
           needs=("pretrain_ssast", "side_probes")),
-    Stage("mi", "Layer-wise mutual information", _mi_stage, products=("mi/mi.json",), needs=("hubert",)),
+    Stage("bench", "Efficiency: SSAMBA vs SSAST inference", _bench_stage, products=("bench_models.csv",)),
 ]
 # the report's order
 REPORT_ORDER = ("corpus", "features", "parity", "model_parity", "pretrain", "pretrain_ssast", "side_probes",
@@ -920,11 +921,22 @@ def _execute(stage: Stage, ctx: Context, settings: dict) -> dict:
     return entry
 
 
-def _side_lane(names: list[str], ctx: Context, settings: dict, results) -> None:
-    """The side lane, in a child process: its stages in order, one thread, each entry sent back when done."""
+def _side_lane(names: list[str], ctx: Context, settings: dict, results, main_done) -> None:
+    """The side lane, in a child process: its stages in order, one thread, each entry sent back when done; a stage
+    that needs main-lane stages first waits until the main lane has put their names in ``main_done``."""
+    import multiprocessing
+    import queue
+
     _set_threads(1)
     stages = {s.name: s for s in STAGES}
+    finished: set[str] = set()
     for name in names:
+        while not set(stages[name].needs) <= finished:
+            try:
+                finished.add(main_done.get(timeout=5))
+            except queue.Empty:
+                if not multiprocessing.parent_process().is_alive():  # the main lane was stopped: so is this one
+                    return
         results.put((name, _execute(stages[name], ctx, settings)))
 
 
@@ -959,7 +971,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, seed: int = 0, scale: str =
         else:
             todo.append(stage)
     side = [s.name for s in todo if s.lane == "side"]
-    child, results, pending = None, None, set(side)
+    child, results, main_done, pending = None, None, None, set(side)
+    finished_main = list(reused)
     threads = torch.get_num_threads()
 
     def collect(wait_for: set[str]) -> None:
@@ -987,9 +1000,11 @@ def run_demo(out: str | os.PathLike = "demo-out", *, seed: int = 0, scale: str =
             continue
         if child is None and side and stage.name not in ("corpus", "features"):
             # everything the side lane reads exists now (corpus, statistics): start it, one thread per lane
-            results = multiprocessing.get_context("spawn").Queue()
+            results, main_done = (multiprocessing.get_context("spawn").Queue() for _ in range(2))
+            for name in finished_main:  # main-lane stages reused or done before the child starts
+                main_done.put(name)
             child = multiprocessing.get_context("spawn").Process(target=_side_lane, name="ssamba-demo-side",
-                                                                 args=(side, ctx, settings, results))
+                                                                 args=(side, ctx, settings, results, main_done))
             # the child's numba pool of one thread (sized at its import): an idle second pool thread spin-waits
             # between kernels and takes the other lane's core (scripts/demo.sh sets the same for this process)
             numba_threads = os.environ.get("NUMBA_NUM_THREADS")
@@ -1005,6 +1020,9 @@ def run_demo(out: str | os.PathLike = "demo-out", *, seed: int = 0, scale: str =
             if not pending:
                 _set_threads(threads)
         save(stage.name, _execute(stage, ctx, settings))
+        finished_main.append(stage.name)
+        if main_done is not None:
+            main_done.put(stage.name)  # done or failed: a side stage that needs it runs (and reports what it lacks)
     if side and child is None:  # nothing left in the main lane: run the side lane here
         for name in side:
             save(name, _execute(next(s for s in STAGES if s.name == name), ctx, settings))

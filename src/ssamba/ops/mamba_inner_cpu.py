@@ -16,14 +16,14 @@ gate is applied once, after the directions are summed: silu(z) * y_0 + rev(silu(
 silu(z) * (y_0 + rev(y_1)) because rev is a permutation, so no reversed copy of z exists.
 
 Layout: every (E, ...) tensor is channel-major over the whole batch, (E, B, L), so that each projection, forward and
-backward, is ONE matrix product over all B*L tokens with no transposing copy: in_proj's output (2E, B*L) is x and z
-as they come out of the GEMM, and out_proj reads g (E, B*L) as a transposed operand. (Per-item products, as
-``torch.bmm`` makes them, are slower for short clips: 1.8 against 1.4 ms for half of SSAMBA-tiny's in_proj at
-B=16, L=49 on one core, ``benchmarks/RESULTS.md``, session 9.) The kernels read rows (k, e, b) of length L, contiguous.
+backward, is one matrix product over all B*L tokens with no transposing copy: in_proj's output (2E, B*L) is x and z
+as they come out of the GEMM, and out_proj reads g (E, B*L) as a transposed operand (``torch.bmm``'s per-item
+products, which the unfused path needs for its (B, E, L) layout, are small GEMMs of depth L for short clips). The
+kernels read rows (k, e, b) of length L, contiguous.
 
 Parallel regions per mixer call: three in the forward (conv, scan, gate), three in the backward (gate, scan, conv),
-each over all directions, channels and batch items; the unfused fast path runs about twenty tensor ops per
-direction, each its own pass over (B, E, L) memory and, with two threads, its own parallel region.
+each over all directions, channels and batch items, where the unfused fast path runs a parallel region or a tensor
+op for each step of each direction (the reversals, the conv, softplus, the scan, the gate, the direction sum).
 
 Shape glossary
     B  batch      E  channels (d_inner)      L  sequence length      M  d_model      N  state size    R  dt_rank
@@ -37,9 +37,10 @@ per item) and where the gate's product is rounded, so the two agree to float32 r
 states the tolerance; in float64 they agree to 1e-12).
 
 Memory kept for the backward, per call: in_proj's output (2E), u and y (K E each) and the x_proj outputs, in
-(B*L)-sized rows, plus the scan's checkpoints; g is recomputed by the gate's backward, delta by the scan's. The
-unfused path keeps about twice that (delta, the reversed copies of x and z, the conv outputs and the pre-gate output
-of each direction). Inference (no autograd) keeps nothing and writes in place: x, z and one (K-1) E buffer.
+(B*L)-sized rows, plus the scan's checkpoints; the gate's output is recomputed by the gate's backward, delta by the
+scan's. The unfused path also keeps delta, the reversed copies of x and z, the conv inputs and each direction's
+pre-gate output (benchmarks/RESULTS.md, session 9, has both training peaks). Inference (no autograd) keeps nothing
+and writes in place: x, z and one (K-1) E buffer.
 """
 
 from __future__ import annotations
