@@ -81,6 +81,13 @@ def test_fused_path_leaves_its_input_alone():
     assert torch.equal(x.detach(), before)
 
 
+def test_fused_path_checks_lengths():
+    """The kernels index with the lengths unchecked, so the glue checks them."""
+    m = _mixer(InnerBiMamba, torch.float32)
+    with pytest.raises(ValueError, match="valid lengths"):
+        m(torch.randn(2, 10, 32), torch.tensor([10, 11]))
+
+
 def test_fused_backward_runs_again_with_a_retained_graph():
     """The backward doubles up its own gradient buffers but never writes a saved tensor, so a retained graph gives
     the same gradients twice (gradcheck, in tests/test_mamba.py, relies on it)."""

@@ -430,9 +430,13 @@ def _kernel_weights(dirs: tuple[DirectionWeights, ...], dtype: torch.dtype) -> _
 
 
 def _lengths(lengths: Tensor | None, nb: int, seqlen: int, ndir: int) -> np.ndarray:
+    """(B,) valid lengths for the kernels, checked here: the kernels index with them unchecked."""
     if lengths is None or ndir == 1:  # one direction is causal: right padding never reaches a valid position
         return np.full(nb, seqlen, np.int64)
-    return lengths.detach().to(torch.int64).cpu().numpy()
+    out = lengths.detach().to(torch.int64).cpu().numpy()
+    if out.shape != (nb,) or out.min() < 0 or out.max() > seqlen:
+        raise ValueError(f"lengths must be ({nb},) valid lengths in [0, {seqlen}], got {lengths.tolist()}")
+    return out
 
 
 def _state_blocks(x_dbl: Tensor, lo: int, nstate: int, nblocks: int) -> Tensor:
