@@ -119,8 +119,8 @@ def _delta_row(x_dbl, k, b, w_e, bias_e, pre, dt):
     """pre[t] = sum_r w_e[r] x_dbl[k, r, b, t] + bias_e (dt_proj's rank-R product for one channel and the scan's
     delta_bias) and dt[t] = softplus(pre[t]). x_dbl: (K, P, B, L), of which rows r < R are read; w_e: (R,).
     Each row is taken as x_dbl[k, r, b], which numba types as contiguous; a row of the view x_dbl[k, :, b] is
-    typed as strided, its loops stay scalar, and the two calls per channel pair took as long as the scan itself
-    (one core of the 2-core AMD EPYC, B = 16, L = 49)."""
+    typed as strided, its loops stay scalar, and the two calls per channel pair took about as long as the scan
+    itself (one core of the 2-core AMD EPYC, B = 16, L = 49)."""
     seqlen = dt.shape[0]
     for t in range(seqlen):
         pre[t] = 0
