@@ -299,11 +299,11 @@ def _scan_backward_partition(
         if not paired:
             e1 = e0
         slot = slot_start[part] + kb - first_kb
-        _scan_backward_row_start(x_dbl, k, dt_weight[k, e0], dt_bias[k, e0], d_skip[k, e0], u[k, e0, b],
-                                 dy[k, e0, b], pre[0], dt[0], ddt[0], du[k, e0, b], d_d[k, e0], b)  # fmt: skip
+        _scan_backward_row_start(x_dbl, k, b, dt_weight[k, e0], dt_bias[k, e0], d_skip[k, e0], u[k, e0, b],
+                                 dy[k, e0, b], pre[0], dt[0], ddt[0], du[k, e0, b], d_d[k, e0])  # fmt: skip
         if paired:
-            _scan_backward_row_start(x_dbl, k, dt_weight[k, e1], dt_bias[k, e1], d_skip[k, e1], u[k, e1, b],
-                                     dy[k, e1, b], pre[1], dt[1], ddt[1], du[k, e1, b], d_d[k, e1], b)  # fmt: skip
+            _scan_backward_row_start(x_dbl, k, b, dt_weight[k, e1], dt_bias[k, e1], d_skip[k, e1], u[k, e1, b],
+                                     dy[k, e1, b], pre[1], dt[1], ddt[1], du[k, e1, b], d_d[k, e1])  # fmt: skip
         else:
             dt[1, :] = dt[0]
         dy1, du1 = (dy[k, e1, b], du[k, e1, b]) if paired else (zeros, ghost_du)
@@ -331,7 +331,7 @@ def _scan_backward_partition(
 
 
 @numba.njit(**SERIAL, inline="always")
-def _scan_backward_row_start(x_dbl, k, w_e, bias_e, skip, u_r, dy_r, pre, dt, ddt, du_r, d_d_e, b):
+def _scan_backward_row_start(x_dbl, k, b, w_e, bias_e, skip, u_r, dy_r, pre, dt, ddt, du_r, d_d_e):
     """One row before the scan's backward: its pre-activation and dt again (as the forward computed them), the D
     skip's share of du and dD (into d_d_e[b]); ddt zeroed."""
     _delta_row(x_dbl, k, b, w_e, bias_e, pre, dt)
