@@ -47,9 +47,9 @@ CONFORMANCE_ATOL = 1e-5
 # The numerics-sensitive modules (features, scan kernels, mixers, models, losses, conformance replay): the
 # README's test command runs them once more under restricted CPU profiles (scripts/numerics.sh), standing in
 # for the CPUs CI does not have.
-NUMERICS_MODULES = {"test_cpu_math", "test_features", "test_scan_cpu", "test_conv_cpu", "test_mamba_inner_cpu",
-                    "test_selective_scan", "test_mamba", "test_models", "test_conformance", "test_masking",
-                    "test_hubert"}
+NUMERICS_MODULES = {"test_cpu_math", "test_gemm_cpu", "test_features", "test_scan_cpu", "test_conv_cpu",
+                    "test_mamba_inner_cpu", "test_selective_scan", "test_mamba", "test_models", "test_conformance",
+                    "test_masking", "test_hubert"}
 
 
 def pytest_collection_modifyitems(items):

@@ -797,7 +797,8 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------- profiling
 
 _PROFILE_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("projections (in/x/dt/out_proj, head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+    ("projections (in/x/dt/out_proj, head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear",
+                                              "mkldnn::_linear_pointwise")),
     ("causal conv1d", ("convolution", "ssamba::causal_conv1d")),
     ("norms", ("layer_norm",)),
     ("flips / gathers", ("aten::flip", "aten::gather", "aten::index")),

@@ -57,6 +57,7 @@ from ssamba.ops.conv_cpu import backward_row as conv_backward_row
 from ssamba.ops.conv_cpu import padded_taps, preactivation
 from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, sigmoid
 from ssamba.ops.cpu_math import softplus as softplus_of
+from ssamba.ops.gemm_cpu import mm
 from ssamba.ops.scan_cpu import CHECKPOINT_EVERY, LANES, WORK_ROWS, a_blocks, backward_chunk, partitions, scan_row_pair
 
 __all__ = ["DirectionWeights", "is_available", "mamba_inner_cpu"]
@@ -92,10 +93,11 @@ def _reverse_valid(src, n, dst):
 def _conv_kernel(x, weight, bias, lengths, u):
     """u[k] = silu(conv_k(x)), on rev(x) for k = 1; one (channel, batch item) row per iteration.
 
-    x: (E, B, L); u: (K, E, B, L), written (u[0] may be x itself: x's row is read before u[0]'s is written);
-    weight: (K, E, WP); bias: (K, E); lengths: (B,).
+    x: (E, B, L); u: a tuple of K (E, B, L) arrays, written (u[0] may be x itself: x's row is read before u[0]'s
+    is written); weight: (K, E, WP); bias: (K, E); lengths: (B,).
     """
-    ndir, ne, nb, seqlen = u.shape
+    ndir = len(u)
+    ne, nb, seqlen = x.shape
     for row in prange(ne * nb):
         e = row // nb
         b = row % nb
@@ -105,11 +107,11 @@ def _conv_kernel(x, weight, bias, lengths, u):
             x_rev = np.empty(seqlen, x.dtype)  # (L,) the row with its valid part reversed
             _reverse_valid(x_r, np.uintp(lengths[b]), x_rev)
             preactivation(x_rev, weight[1, e], bias[1, e], p)
-            u_r = u[1, e, b]
+            u_r = u[ndir - 1][e, b]  # u[1]: a literal index past a 1-tuple fails typing, even where never run
             for t in range(seqlen):
                 u_r[t] = p[t] * sigmoid(p[t])
         preactivation(x_r, weight[0, e], bias[0, e], p)
-        u_r = u[0, e, b]
+        u_r = u[0][e, b]
         for t in range(seqlen):
             u_r[t] = p[t] * sigmoid(p[t])
 
@@ -140,11 +142,13 @@ def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, save
     """y = scan(u, softplus(dt_weight @ x_dbl[:R] + dt_bias), ...) + D u; a pair of channels of one (direction,
     batch item) per iteration (see scan_cpu.scan_row_pair), every direction in one parallel region.
 
-    u, y: (K, E, B, L) (without ``save`` y is not used: the result is written over u); x_dbl: (K, P, B, L);
+    u, y: tuples of K (E, B, L) arrays (without ``save`` y is not used: the result is written over u); x_dbl:
+    (K, P, B, L);
     dt_weight: (K, E, R); dt_bias, d_skip: (K, E); a_blk: (K, E, NB, LANES); b_blk, c_blk: (K, B, NB, L, LANES);
     ckpt: (K, E, B, NB, S, LANES), written when ``save`` (else any array of that rank, not touched).
     """
-    ndir, ne, nb, seqlen = u.shape
+    ndir = len(u)
+    ne, nb, seqlen = u[0].shape
     nblocks = a_blk.shape[2]
     npairs = (ne + 1) // 2
     for item in prange(ndir * npairs * nb):
@@ -152,22 +156,23 @@ def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, save
         e0 = 2 * ((item // nb) % npairs)
         b = item % nb
         e1 = min(e0 + 1, ne - 1)  # an odd E ends with its last channel twice, written once
-        pre = np.empty(seqlen, u.dtype)  # (L,) scratch
-        dt0 = np.empty(seqlen, u.dtype)  # (L,) the discretisation step of each channel
-        dt1 = np.empty(seqlen, u.dtype)
-        y0 = np.empty(seqlen, u.dtype)  # (L,) the scan's readouts
-        y1 = np.empty(seqlen, u.dtype)
-        last = np.empty((nblocks, LANES), u.dtype)  # the states after the row: not needed
+        dtype = x_dbl.dtype
+        pre = np.empty(seqlen, dtype)  # (L,) scratch
+        dt0 = np.empty(seqlen, dtype)  # (L,) the discretisation step of each channel
+        dt1 = np.empty(seqlen, dtype)
+        y0 = np.empty(seqlen, dtype)  # (L,) the scan's readouts
+        y1 = np.empty(seqlen, dtype)
+        last = np.empty((nblocks, LANES), dtype)  # the states after the row: not needed
         _delta_row(x_dbl, k, b, dt_weight[k, e0], dt_bias[k, e0], pre, dt0)
         _delta_row(x_dbl, k, b, dt_weight[k, e1], dt_bias[k, e1], pre, dt1)
-        u0, u1 = u[k, e0, b], u[k, e1, b]  # (L,)
+        u0, u1 = u[k][e0, b], u[k][e1, b]  # (L,)
         ck0 = ckpt[k, e0, b] if save else ckpt[0, 0, 0]
         ck1 = ckpt[k, e1, b] if save else ckpt[0, 0, 0]
         scan_row_pair(dt0, dt1, u0, u1, a_blk[k, e0], a_blk[k, e1], b_blk[k, b], c_blk[k, b], y0, y1, last, last,
                       save, ck0, ck1)  # fmt: skip
-        _skip_row(y[k, e0, b], y0, u0, d_skip[k, e0], save)
+        _skip_row(y[k][e0, b], y0, u0, d_skip[k, e0], save)
         if e1 != e0:
-            _skip_row(y[k, e1, b], y1, u1, d_skip[k, e1], save)
+            _skip_row(y[k][e1, b], y1, u1, d_skip[k, e1], save)
 
 
 @numba.njit(**SERIAL, inline="always")
@@ -188,9 +193,9 @@ def _gate_kernel(y, z, lengths, scale, out, in_place):
     """out = silu(z) * (y_0 [+ rev(y_1)]) * scale, or written over z when ``in_place`` (out then not used); one
     (channel, batch item) row per iteration.
 
-    y: (K, E, B, L); z, out: (E, B, L); lengths: (B,).
+    y: a tuple of K (E, B, L) arrays; z, out: (E, B, L); lengths: (B,).
     """
-    ndir, ne, nb, seqlen = y.shape
+    ne, nb, seqlen = z.shape
     for row in prange(ne * nb):
         e = row // nb
         b = row % nb
@@ -210,13 +215,13 @@ def _gate_kernel(y, z, lengths, scale, out, in_place):
 
 @numba.njit(**SERIAL, inline="always")
 def _direction_sum(y, e, b, n, ysum):
-    """ysum = y[0, e, b] [+ rev(y[1, e, b])] with n valid steps."""
-    y0 = y[0, e, b]  # (L,)
-    if y.shape[0] == 1:
+    """ysum = y[0][e, b] [+ rev(y[1][e, b])] with n valid steps (y: a tuple of K (E, B, L) arrays)."""
+    y0 = y[0][e, b]  # (L,)
+    if len(y) == 1:
         for t in range(ysum.shape[0]):
             ysum[t] = y0[t]
     else:
-        _reverse_valid(y[1, e, b], n, ysum)
+        _reverse_valid(y[len(y) - 1][e, b], n, ysum)  # y[1] (see _conv_kernel)
         for t in range(ysum.shape[0]):
             ysum[t] += y0[t]
 
@@ -226,9 +231,9 @@ def _gate_backward_kernel(dg, z, y, lengths, scale, dz, dy):
     """Through the gate: dz = dg scale (y_0 [+ rev(y_1)]) silu'(z), dy_0 = dg scale silu(z) [and dy_1, its
     reversal]; dg becomes the gate's output again (out_proj's weight gradient needs it), in place.
 
-    dg, z, dz: (E, B, L); y, dy: (K, E, B, L); lengths: (B,).
+    dg, z, dz: (E, B, L); y: a tuple of K (E, B, L) arrays; dy: (K, E, B, L); lengths: (B,).
     """
-    ndir, ne, nb, seqlen = y.shape
+    ndir, ne, nb, seqlen = dy.shape
     one = z.dtype.type(1)
     for row in prange(ne * nb):
         e = row // nb
@@ -448,32 +453,33 @@ def _state_blocks(x_dbl: Tensor, lo: int, nstate: int, nblocks: int) -> Tensor:
     return padded.view(ndir, nb, nblocks, LANES, seqlen).transpose(-1, -2).contiguous()
 
 
-def _inner_forward(x: Tensor, z: Tensor, u: Tensor, w: _Weights, lengths_np: np.ndarray, scale: float, save: bool,
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _inner_forward(x: Tensor, z: Tensor, u: tuple[Tensor, ...], w: _Weights, lengths_np: np.ndarray, scale: float,
+                   save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """x, z (E, B, L), in_proj's halves -> the gate's output (E, B, L), with x_dbl (K, P, B, L), y (K, E, B, L) and
-    the checkpoints (K, E, B, NB, S, LANES) for the backward when ``save``. u (K, E, B, L) receives the conv's
-    outputs; u[0] may be x's memory. Without ``save`` it works in place: y is u and the output is z."""
-    ndir, ne, nb, seqlen = u.shape
+    the checkpoints (K, E, B, NB, S, LANES) for the backward when ``save``. u, K (E, B, L) tensors, receive the
+    conv's outputs; u[0] may be x's memory. Without ``save`` it works in place: y is u and the output is z."""
+    ndir = len(u)
+    ne, nb, seqlen = x.shape
     nproj, rank = w.x_proj_w[0].shape[0], w.dt_w.shape[2]
     nblocks = w.a_blk.shape[2]
     nstate = (nproj - rank) // 2
     with torch.profiler.record_function("ssamba::causal_conv1d"):
-        _conv_kernel(_np(x), _np(w.conv_w), _np(w.conv_b), lengths_np, _np(u))
-    x_dbl = u.new_empty(ndir, nproj, nb, seqlen)
-    with torch.autocast(u.device.type, enabled=False):  # the small x_proj products stay in the kernels' dtype
-        for k in range(ndir):
-            torch.mm(w.x_proj_w[k], u[k].view(ne, nb * seqlen), out=x_dbl[k].view(nproj, nb * seqlen))
+        _conv_kernel(_np(x), _np(w.conv_w), _np(w.conv_b), lengths_np, tuple(_np(t) for t in u))
+    with torch.autocast(x.device.type, enabled=False):  # the small x_proj products stay in the kernels' dtype
+        x_dbl = torch.stack([mm(w.x_proj_w[k], u[k].view(ne, nb * seqlen)) for k in range(ndir)])
+    x_dbl = x_dbl.view(ndir, nproj, nb, seqlen)
     with torch.profiler.record_function("ssamba::selective_scan"):
         b_blk = _state_blocks(x_dbl, rank, nstate, nblocks)
         c_blk = _state_blocks(x_dbl, rank + nstate, nstate, nblocks)
-        y = u.new_empty(ndir, ne, nb, seqlen) if save else u
+        y = x.new_empty(ndir, ne, nb, seqlen) if save else None
+        y_np = tuple(_np(y)) if save else tuple(_np(t) for t in u)
         nchunks = -(-seqlen // CHECKPOINT_EVERY)
-        ckpt = u.new_empty((ndir, ne, nb, nblocks, nchunks, LANES) if save else (1, 1, 1, 1, 1, LANES))
-        _scan_kernel(_np(u), _np(x_dbl), _np(w.dt_w), _np(w.dt_b), _np(w.a_blk), _np(b_blk), _np(c_blk),
-                     _np(w.d_skip), save, _np(y), _np(ckpt))  # fmt: skip
+        ckpt = x.new_empty((ndir, ne, nb, nblocks, nchunks, LANES) if save else (1, 1, 1, 1, 1, LANES))
+        _scan_kernel(tuple(_np(t) for t in u), _np(x_dbl), _np(w.dt_w), _np(w.dt_b), _np(w.a_blk), _np(b_blk),
+                     _np(c_blk), _np(w.d_skip), save, y_np, _np(ckpt))  # fmt: skip
     with torch.profiler.record_function("ssamba::gate"):
-        out = u.new_empty(ne, nb, seqlen) if save else z
-        _gate_kernel(_np(y), _np(z), lengths_np, _np(y).dtype.type(scale), _np(out), not save)
+        out = x.new_empty(ne, nb, seqlen) if save else z
+        _gate_kernel(y_np, _np(z), lengths_np, _np(x).dtype.type(scale), _np(out), not save)
     return out, x_dbl, y, ckpt
 
 
@@ -498,13 +504,13 @@ class _MambaInnerFn(torch.autograd.Function):
                                                    dt_w[k], dt_b[k], A[k], D[k]) for k in range(ndir)), dtype)
         lengths_np = _lengths(lengths, nb, seqlen, ndir)
         h2 = h.reshape(nb * seqlen, m)
-        xz = torch.mm(in_w.to(dtype), h2.t())  # (2E, B*L): x and z channel-major, as the kernels read them
+        xz = mm(in_w.to(dtype), h2.t())  # (2E, B*L): x and z channel-major, as the kernels read them
         if in_b is not None:
             xz += in_b[:, None]
         xz = xz.view(2 * ne, nb, seqlen)
         u = xz.new_empty(ndir, ne, nb, seqlen)
-        g, x_dbl, y, ckpt = _inner_forward(xz[:ne], xz[ne:], u, w, lengths_np, scale, save=True)
-        out = torch.mm(g.view(ne, nb * seqlen).t(), out_w.to(dtype).t())  # (B*L, M)
+        g, x_dbl, y, ckpt = _inner_forward(xz[:ne], xz[ne:], tuple(u), w, lengths_np, scale, save=True)
+        out = mm(g.view(ne, nb * seqlen).t(), out_w.to(dtype).t())  # (B*L, M)
         if out_b is not None:
             out += out_b
         ctx.save_for_backward(h, in_w, out_w, xz, u, x_dbl, y, ckpt)
@@ -528,12 +534,12 @@ class _MambaInnerFn(torch.autograd.Function):
         # written (fewer fresh pages, which the allocator may fault in anew every step): dg -> the gate's output g,
         # dy -> ddelta, du[0] -> dx. Saved tensors stay untouched, so the backward can run again (retain_graph).
         d2 = dout.reshape(tokens, -1).to(u.dtype)  # (B*L, M)
-        dg = torch.mm(out_w.to(u.dtype).t(), d2.t()).view(ne, nb, seqlen)  # (E, B, L)
+        dg = mm(out_w.to(u.dtype).t(), d2.t()).view(ne, nb, seqlen)  # (E, B, L)
         dz, dy = torch.empty_like(dg), torch.empty_like(y)
         with torch.profiler.record_function("ssamba::gate"):
-            _gate_backward_kernel(_np(dg), _np(xz[ne:]), _np(y), ctx.lengths_np, _np(y).dtype.type(ctx.scale),
+            _gate_backward_kernel(_np(dg), _np(xz[ne:]), tuple(_np(y)), ctx.lengths_np, _np(y).dtype.type(ctx.scale),
                                   _np(dz), _np(dy))  # fmt: skip
-        d_out_w = torch.mm(d2.t(), dg.view(ne, tokens).t())  # (M, E): dg holds g now
+        d_out_w = mm(d2.t(), dg.view(ne, tokens).t())  # (M, E): dg holds g now
         del dg
 
         with torch.profiler.record_function("ssamba::selective_scan"):
@@ -561,11 +567,11 @@ class _MambaInnerFn(torch.autograd.Function):
         d_x_proj_w = u.new_empty(ndir, nproj, ne)
         for k in range(ndir):
             ddelta_k = ddelta[k].view(ne, tokens)
-            torch.mm(w.dt_w[k].t(), ddelta_k, out=dx_dbl[k, :rank].view(rank, tokens))
-            torch.mm(ddelta_k, x_dbl[k, :rank].view(rank, tokens).t(), out=d_dt_w[k])
+            dx_dbl[k, :rank].view(rank, tokens).copy_(mm(w.dt_w[k].t(), ddelta_k))
+            d_dt_w[k] = mm(ddelta_k, x_dbl[k, :rank].view(rank, tokens).t())
             dx_dbl_k = dx_dbl[k].view(nproj, tokens)
-            torch.mm(dx_dbl_k, u[k].view(ne, tokens).t(), out=d_x_proj_w[k])
-            du[k].view(ne, tokens).addmm_(w.x_proj_w[k].t(), dx_dbl_k)
+            d_x_proj_w[k] = mm(dx_dbl_k, u[k].view(ne, tokens).t())
+            du[k].view(ne, tokens).add_(mm(w.x_proj_w[k].t(), dx_dbl_k))
 
         d_conv_w = torch.empty(ndir, ne, nb, w.conv_w.shape[2], dtype=torch.float64)
         d_conv_b = torch.empty(ndir, ne, nb, dtype=torch.float64)
@@ -576,10 +582,8 @@ class _MambaInnerFn(torch.autograd.Function):
         dz = dz.view(ne, tokens)
         h2 = h.reshape(tokens, -1).to(u.dtype)
         in_w = in_w.to(u.dtype)
-        dh = torch.mm(dx.t(), in_w[:ne]).addmm_(dz.t(), in_w[ne:]).view(h.shape)  # (B, L, M)
-        d_in_w = torch.empty_like(in_w)  # (2E, M)
-        torch.mm(dx, h2, out=d_in_w[:ne])
-        torch.mm(dz, h2, out=d_in_w[ne:])
+        dh = mm(dx.t(), in_w[:ne]).add_(mm(dz.t(), in_w[ne:])).view(h.shape)  # (B, L, M)
+        d_in_w = torch.cat([mm(dx, h2), mm(dz, h2)])  # (2E, M)
         wp, width, nstate_a = w.conv_w.shape[2], ctx.conv_width, ctx.nstate
         grads = (
             dh,
@@ -628,21 +632,15 @@ def mamba_inner_cpu(
     w = _kernel_weights(dirs, dtype)
     lengths_np = _lengths(lengths, nb, seqlen, ndir)
     h_t = h.reshape(nb * seqlen, m).t()  # (M, B*L), a view
-    # [x | u_1 | z]: u[0] is x's memory (the conv reads each row of x before it writes u[0]'s), u[1] follows it
-    buf = torch.empty((ndir + 1) * ne, nb * seqlen, dtype=dtype)
-    parts = ((in_w[:ne], buf[:ne]), (in_w[ne:], buf[ndir * ne :]))
-    for k, (wk, dst) in enumerate(parts):
-        if torch.is_autocast_enabled(h.device.type):  # the GEMM in autocast's dtype, its result back in float32
-            dst.copy_(torch.mm(wk, h_t))
-        else:
-            torch.mm(wk, h_t, out=dst)
-        if in_b is not None:
-            dst += in_b[k * ne : (k + 1) * ne, None]
-    buf = buf.view((ndir + 1) * ne, nb, seqlen)
-    u = buf[: ndir * ne].view(ndir, ne, nb, seqlen)
-    g = _inner_forward(buf[:ne], buf[ndir * ne :], u, w, lengths_np, scale, save=False)[0]
+    xz = mm(in_w, h_t).to(dtype)  # (2E, B*L); under autocast the product runs in autocast's dtype
+    if in_b is not None:
+        xz += in_b[:, None]
+    xz = xz.view(2 * ne, nb, seqlen)
+    # u[0] is x's memory: the conv reads each row of x before it writes u[0]'s
+    u = (xz[:ne], *(torch.empty_like(xz[:ne]) for _ in range(ndir - 1)))
+    g = _inner_forward(xz[:ne], xz[ne:], u, w, lengths_np, scale, save=False)[0]
     del w, u  # the kernels' weight copies, before out_proj's output exists
-    out = torch.mm(g.view(ne, nb * seqlen).t(), out_w.t())  # (B*L, M), in autocast's dtype under autocast
+    out = mm(g.view(ne, nb * seqlen).t(), out_w.t())  # (B*L, M), in autocast's dtype under autocast
     if out_b is not None:
         out = out + out_b
     return out.view(nb, seqlen, -1)
