@@ -58,6 +58,7 @@ from ssamba.ops.conv_cpu import padded_taps, preactivation
 from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, sigmoid
 from ssamba.ops.cpu_math import softplus as softplus_of
 from ssamba.ops.gemm_cpu import mm
+from ssamba.ops.mamba_infer_cpu import mamba_infer_cpu
 from ssamba.ops.scan_cpu import CHECKPOINT_EVERY, LANES, WORK_ROWS, a_blocks, backward_chunk, partitions, scan_row_pair
 
 __all__ = ["DirectionWeights", "is_available", "mamba_inner_cpu"]
@@ -628,19 +629,4 @@ def mamba_inner_cpu(
             stack([d.dt_proj_bias for d in dirs]), stack([d.A for d in dirs]), stack([d.D for d in dirs]),
             out_w, out_b, lengths, scale,
         )  # fmt: skip
-    dtype = h.dtype
-    w = _kernel_weights(dirs, dtype)
-    lengths_np = _lengths(lengths, nb, seqlen, ndir)
-    h_t = h.reshape(nb * seqlen, m).t()  # (M, B*L), a view
-    xz = mm(in_w, h_t).to(dtype)  # (2E, B*L); under autocast the product runs in autocast's dtype
-    if in_b is not None:
-        xz += in_b[:, None]
-    xz = xz.view(2 * ne, nb, seqlen)
-    # u[0] is x's memory: the conv reads each row of x before it writes u[0]'s
-    u = (xz[:ne], *(torch.empty_like(xz[:ne]) for _ in range(ndir - 1)))
-    g = _inner_forward(xz[:ne], xz[ne:], u, w, lengths_np, scale, save=False)[0]
-    del w, u  # the kernels' weight copies, before out_proj's output exists
-    out = mm(g.view(ne, nb * seqlen).t(), out_w.t())  # (B*L, M), in autocast's dtype under autocast
-    if out_b is not None:
-        out = out + out_b
-    return out.view(nb, seqlen, -1)
+    return mamba_infer_cpu(h, in_proj, dirs, out_proj, _lengths(lengths, nb, seqlen, ndir), scale)

@@ -1,0 +1,241 @@
+"""The Mamba mixer's inference on CPU, token-major: what :func:`ssamba.ops.mamba_inner_cpu.mamba_inner_cpu`
+computes when autograd is not recording, with every (E, ...) activation laid out (B, L, E), as the projections
+produce and consume it.
+
+Why a second layout for inference: the training kernels keep channel-major rows (E, B, L), which the scan's
+checkpointed backward walks row by row. There a scan step updates one row's 16 states across the vector lanes; the
+next step of that row waits for it, and each step ends in a horizontal sum of the 16 lanes (the readout). Here the
+lanes hold 16 channels of one token instead: each of the N states is its own vector recurrence, the N of them are
+independent (the CPU overlaps them), B and C are scalars broadcast to the lanes, and the readout is a plain
+vector sum. The projections stay single GEMMs over all B*L tokens, with no transposed copies.
+
+    GEMM    x = in_proj_x(h)                                  (B*L, E)
+    conv    u_k = silu(conv_k(x)), k = 1 in the reversed order of each item's valid positions
+    GEMM    (dt, B, C)_k = x_proj_k(u_k)                      (B*L, P) each
+    GEMM    z = in_proj_z(h)                                  (after the conv: x is gone by then)
+    scan    y_k = scan(u_k, softplus(dt_proj_k(dt_k) + bias_k), A_k, B_k, C_k) + D_k u_k, with the gate
+            silu(z) * (y_0 [+ rev(y_1)]) [/ 2] written over z
+    GEMM    out = out_proj(z)
+
+Live (B, L, E) buffers: u (K of them) and z, as in the channel-major inference; x is freed before z is made.
+
+Numbers: the same arithmetic as the training path's kernels, but the readout sums the states in order rather than
+as a tree, dt_proj's rank-R sum is the same loop, and the conv sums its taps in the same order; so the two agree to
+float32 rounding (tests/test_mamba_inner_cpu.py; float64 agrees to 1e-12).
+
+Shapes as in :mod:`ssamba.ops.mamba_inner_cpu`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+import torch
+from numba import prange
+from torch import Tensor
+
+from ssamba.ops.conv_cpu import padded_taps
+from ssamba.ops.cpu_math import PARALLEL, SERIAL, exp, sigmoid
+from ssamba.ops.cpu_math import softplus as softplus_of
+from ssamba.ops.gemm_cpu import mm
+
+__all__ = ["mamba_infer_cpu"]
+
+# Channels per task of the scan kernel: E = 384 (SSAMBA-tiny) makes 6 blocks per item, which two cores share evenly
+# at batch 1 too; each state's update then runs over 4 vectors of 16 lanes.
+_CHANNELS = 64
+# Tokens per task of the conv kernel: long enough that a task's setup is negligible, short enough that a batch of
+# one short clip still splits across the cores.
+_CONV_TOKENS = 64
+
+
+@numba.njit(**PARALLEL)
+def _conv_kernel(x, weight, bias, lengths, u):
+    """u[k][b, i] = silu(bias_k + sum_j weight[k, j] x[b, pos_k(i - (WP-1) + j)]) over the positions i - (WP-1) + j
+    >= 0, where pos_0(i) = i and pos_1 reverses each item's first lengths[b] positions (the rest stay in place).
+
+    x: (B, L, E); weight: (K, WP, E) left-padded taps, transposed; bias: (K, E); u: a tuple of K (B, L, E).
+    """
+    ndir = len(u)
+    nb, seqlen, ne = x.shape
+    wp = weight.shape[1]
+    nchunks = (seqlen + _CONV_TOKENS - 1) // _CONV_TOKENS
+    for task in prange(ndir * nb * nchunks):
+        k = task // (nb * nchunks)
+        b = (task // nchunks) % nb
+        i0 = (task % nchunks) * _CONV_TOKENS
+        n = lengths[b]
+        acc = np.empty(ne, x.dtype)  # (E,) one token's pre-activation
+        bias_k = bias[k]
+        for i in range(i0, min(i0 + _CONV_TOKENS, seqlen)):
+            for c in range(ne):
+                acc[c] = bias_k[c]
+            for j in range(wp):
+                src = i - (wp - 1) + j
+                if src < 0:
+                    continue
+                t = n - 1 - src if k == 1 and src < n else src
+                w_j, x_t = weight[k, j], x[b, t]  # (E,)
+                for c in range(ne):
+                    acc[c] += w_j[c] * x_t[c]
+            u_i = u[k][b, i]  # (E,)
+            for c in range(ne):
+                u_i[c] = acc[c] * sigmoid(acc[c])
+
+
+@numba.njit(**PARALLEL)
+def _scan_gate_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z):
+    """z = silu(z) * (y_0 [+ rev(y_1)]) * scale with y_k = scan_k + D_k u_k; one (batch item, block of up to
+    _CHANNELS channels) per iteration, both directions in it: y_0 is written over u_0 (each step reads its own u
+    before it writes), the gate over z by the last direction, so no further buffer or pass is needed.
+
+    u: a tuple of K (B, L, E) (u[1] in reversed order, as the conv wrote it); x_dbl: a tuple of K (B, L, P);
+    dt_weight: (K, R, E) dt_proj's weight transposed; dt_bias, d_skip: (K, E); a: (K, N, E) A transposed;
+    lengths: (B,); z: (B, L, E), overwritten.
+    """
+    nb, ne = z.shape[0], z.shape[2]
+    nblocks = (ne + _CHANNELS - 1) // _CHANNELS
+    for task in prange(nb * nblocks):
+        b = task // nblocks
+        c0 = (task % nblocks) * _CHANNELS
+        # A full block's loops get a constant trip count, which LLVM vectorises without remainder loops: the
+        # states' loop ran 1.17x as fast as with a run-time width (one core of the 2-core AMD EPYC).
+        if ne - c0 >= _CHANNELS:
+            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, b, c0, _CHANNELS)
+        else:
+            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, b, c0, ne - c0)
+
+
+@numba.njit(**SERIAL, inline="always")
+def _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, b, c0, width):
+    """:func:`_scan_gate_kernel` for batch item b's channels c0 .. c0 + width - 1 (n of its steps valid)."""
+    ndir = len(u)
+    seqlen = z.shape[1]
+    rank, nstate = dt_weight.shape[1], a.shape[1]
+    dtype = z.dtype
+    h = np.empty((nstate, width), dtype)  # the block's states
+    a_g = np.empty((nstate, width), dtype)
+    w_g = np.empty((rank, width), dtype)
+    # each state's share of the readout, summed after the states' loop: accumulating it inside that loop kept
+    # the loop from vectorising
+    hc = np.empty((nstate, width), dtype)
+    dt = np.empty(width, dtype)  # one step's dt, dt u and readout
+    dtu = np.empty(width, dtype)
+    y = np.empty(width, dtype)
+    for k in range(ndir):
+        for s in range(nstate):
+            for c in range(width):
+                a_g[s, c] = a[k, s, c0 + c]
+                h[s, c] = 0
+        for r in range(rank):
+            for c in range(width):
+                w_g[r, c] = dt_weight[k, r, c0 + c]
+        bias_g, skip_g = dt_bias[k, c0 : c0 + width], d_skip[k, c0 : c0 + width]
+        u_k, x_k = u[k], x_dbl[k]
+        for i in range(seqlen):
+            u_t, xd = u_k[b, i, c0 : c0 + width], x_k[b, i]  # (width,), (P,)
+            for c in range(width):  # dt = softplus(dt_proj(x_dbl[:R]) + bias), summed as the training kernel
+                dt[c] = 0
+            for r in range(rank):
+                xr = xd[r]
+                w_r = w_g[r]
+                for c in range(width):
+                    dt[c] += xr * w_r[c]
+            for c in range(width):
+                d = softplus_of(dt[c] + bias_g[c])
+                dt[c] = d
+                dtu[c] = d * u_t[c]
+            for s in range(nstate):
+                bs, cs = xd[rank + s], xd[rank + nstate + s]
+                h_s, a_s, hc_s = h[s], a_g[s], hc[s]  # (width,)
+                for c in range(width):
+                    hs = exp(dt[c] * a_s[c]) * h_s[c] + dtu[c] * bs
+                    h_s[c] = hs
+                    hc_s[c] = hs * cs
+            for c in range(width):
+                y[c] = hc[0, c]
+            for s in range(1, nstate):
+                hc_s = hc[s]
+                for c in range(width):
+                    y[c] += hc_s[c]
+            if k == 0 and ndir == 2:  # y_0 over u_0, this step's u being read already
+                for c in range(width):
+                    u_t[c] = y[c] + skip_g[c] * u_t[c]
+            else:
+                t = n - 1 - i if k == 1 and i < n else i  # the original position of step i
+                z_t = z[b, t, c0 : c0 + width]
+                y0 = u[0][b, t, c0 : c0 + width]  # y_0 when K = 2 (not read for K = 1)
+                for c in range(width):
+                    ys = y[c] + skip_g[c] * u_t[c]
+                    if ndir == 2:
+                        ys = y0[c] + ys
+                    zt = z_t[c]
+                    z_t[c] = ys * (zt * sigmoid(zt)) * scale
+
+
+class _Weights(NamedTuple):
+    """The K directions' parameters in the kernels' dtype and token-major layouts (no graph)."""
+
+    conv_w: np.ndarray  # (K, WP, E) left-padded taps, transposed
+    conv_b: np.ndarray  # (K, E), zeros without a bias
+    x_proj_w: tuple[Tensor, ...]  # K x (P, E), for the GEMMs
+    dt_w: np.ndarray  # (K, R, E)
+    dt_b: np.ndarray  # (K, E)
+    a: np.ndarray  # (K, N, E)
+    d_skip: np.ndarray  # (K, E)
+
+
+def _kernel_weights(dirs, dtype: torch.dtype) -> _Weights:
+    ne = dirs[0].D.shape[0]
+
+    def stacked(ts: list[Tensor]) -> np.ndarray:
+        return torch.stack([t.detach().to(dtype) for t in ts]).contiguous().numpy()
+
+    return _Weights(
+        conv_w=stacked([padded_taps(d.conv_weight, dtype).t() for d in dirs]),
+        conv_b=stacked([d.conv_bias if d.conv_bias is not None else torch.zeros(ne) for d in dirs]),
+        x_proj_w=tuple(d.x_proj_weight.detach().to(dtype) for d in dirs),
+        dt_w=stacked([d.dt_proj_weight.t() for d in dirs]),
+        dt_b=stacked([d.dt_proj_bias for d in dirs]),
+        a=stacked([d.A.t() for d in dirs]),
+        d_skip=stacked([d.D for d in dirs]),
+    )
+
+
+def mamba_infer_cpu(h: Tensor, in_proj: tuple[Tensor, Tensor | None], dirs, out_proj: tuple[Tensor, Tensor | None],
+                    lengths_np: np.ndarray, scale: float) -> Tensor:  # fmt: skip
+    """h (B, L, M) -> out_proj(gate(scans)) (B, L, M), without autograd; arguments as
+    :func:`ssamba.ops.mamba_inner_cpu.mamba_inner_cpu`, lengths_np (B,) checked. Under ``torch.autocast`` in_proj
+    and out_proj run in autocast's dtype."""
+    nb, seqlen, m = h.shape
+    ndir, ne = len(dirs), dirs[0].D.shape[0]
+    dtype = h.dtype
+    in_w, in_b = in_proj
+    out_w, out_b = out_proj
+    w = _kernel_weights(dirs, dtype)
+    h2 = h.reshape(nb * seqlen, m)
+
+    def in_half(i: int) -> Tensor:  # x (i = 0) or z (i = 1): (B, L, E) in the kernels' dtype
+        half = mm(h2, in_w[i * ne : (i + 1) * ne].t()).to(dtype)
+        if in_b is not None:
+            half += in_b[i * ne : (i + 1) * ne]
+        return half.view(nb, seqlen, ne)
+
+    x = in_half(0)
+    u = tuple(torch.empty_like(x) for _ in range(ndir))
+    with torch.profiler.record_function("ssamba::causal_conv1d"):
+        _conv_kernel(x.numpy(), w.conv_w, w.conv_b, lengths_np, tuple(t.numpy() for t in u))
+    del x
+    with torch.autocast(h.device.type, enabled=False):  # the small x_proj products stay in the kernels' dtype
+        x_dbl = tuple(mm(u[k].view(nb * seqlen, ne), w.x_proj_w[k].t()).view(nb, seqlen, -1) for k in range(ndir))
+    z = in_half(1)
+    with torch.profiler.record_function("ssamba::selective_scan"):
+        _scan_gate_kernel(tuple(t.numpy() for t in u), tuple(t.numpy() for t in x_dbl), w.dt_w, w.dt_b, w.a,
+                          w.d_skip, lengths_np, z.numpy().dtype.type(scale), z.numpy())  # fmt: skip
+    del u, x_dbl, w
+    out = mm(z.view(nb * seqlen, ne), out_w.t())  # (B*L, M), in autocast's dtype under autocast
+    if out_b is not None:
+        out = out + out_b
+    return out.view(nb, seqlen, m)
