@@ -16,11 +16,11 @@ CONFIGS = [{}, {"d_state": 4, "divide_out": False}, {"d_state": 20, "bias": True
 CONFIG_IDS = ["tiny", "n4-no-halving", "n20-two-state-blocks-biases", "no-conv-bias-w6"]
 
 
-def _mixer(cls: type, dtype: torch.dtype, **kwargs) -> Mamba:
+def _mixer(cls: type, dtype: torch.dtype, d_model: int = 32, **kwargs) -> Mamba:
     if cls is Mamba:
         kwargs.pop("divide_out", None)
     torch.manual_seed(0)
-    m = cls(32, **kwargs).to(dtype)
+    m = cls(d_model, **kwargs).to(dtype)
     with torch.no_grad():  # away from the initialisation's symmetries (D = 1, A = -[1..N] in every channel)
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -29,7 +29,7 @@ def _mixer(cls: type, dtype: torch.dtype, **kwargs) -> Mamba:
 
 def _faithful(m: Mamba, x: torch.Tensor, lengths: torch.Tensor | None, grad: torch.Tensor) -> list[torch.Tensor]:
     """Output and gradients (x, then every parameter) of the same weights on the faithful path."""
-    ref = type(m)(32, fast_path=False, **_kwargs(m)).to(x.dtype)
+    ref = type(m)(m.in_proj.in_features, fast_path=False, **_kwargs(m)).to(x.dtype)
     ref.load_state_dict(m.state_dict())
     x = x.detach().requires_grad_()
     out = ref(x, lengths)
@@ -67,8 +67,24 @@ def test_fused_training_agrees_with_the_faithful_path(cls, dtype, kwargs, padded
     rtol = FP32_REORDER["rtol"] if dtype == torch.float32 else 1e-12
     for name, a, b in zip(names, got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item(), msg=name)
-    with torch.no_grad():  # inference: the same kernels in place, no saved tensors
+    with torch.no_grad():  # inference: ops/mamba_infer_cpu's token-major kernels
         torch.testing.assert_close(m(x, lengths), got[0], rtol=rtol, atol=rtol * got[0].abs().max().item())
+
+
+@pytest.mark.parametrize("d_model", [12, 40], ids=["E24", "E80"])
+@pytest.mark.parametrize("cls", [Mamba, InnerBiMamba])
+def test_inference_agrees_with_the_faithful_path_on_partial_channel_blocks(cls, d_model):
+    """The token-major inference scans blocks of mamba_infer_cpu._CHANNELS = 64 channels, a last partial block in
+    its own compiled loop: E = 24 is one partial block, E = 80 a full one and a partial one. Padded batch, the same
+    tolerance as above."""
+    m = _mixer(cls, torch.float32, d_model=d_model)
+    x = torch.randn(3, 37, d_model)
+    lengths = torch.tensor([37, 20, 1])
+    with torch.no_grad():
+        got = m(x, lengths)
+    want = _faithful(m, x, lengths, torch.zeros(3, 37, d_model))[0]
+    rtol = FP32_REORDER["rtol"]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
 def test_fused_path_leaves_its_input_alone():
@@ -115,8 +131,8 @@ def test_fused_chain_is_chosen_only_for_the_cpu_kernels_on_the_fast_path():
 
 
 def test_ssamba_model_inference_agrees_with_its_training_path():
-    """A whole (small) SSAMBA encoder, padded batch: inference (the in-place kernels, and the backbone's early release
-    of dead tensors) against the same model with autograd recording. Float32 reorderings through 4 layers:
+    """A whole (small) SSAMBA encoder, padded batch: inference (the token-major kernels, and the backbone's early
+    release of dead tensors) against the same model with autograd recording. Float32 reorderings through 4 layers:
     FP32_REORDER."""
     torch.manual_seed(0)
     model = ssamba.create_model("ssamba_tiny", embed_dim=48, depth=4, input_tdim=64, num_classes=5).eval()

@@ -1,5 +1,6 @@
 """The Mamba mixer's whole fast path on CPU, ``in_proj`` to ``out_proj``, for one direction or Vim's two (v2):
-numba kernels for everything between the projections, and a hand-written backward.
+numba kernels for everything between the projections, and a hand-written backward. Without autograd the call goes
+to :mod:`ssamba.ops.mamba_infer_cpu`, the same computation in a token-major layout that needs no backward.
 
 What :class:`ssamba.nn.mamba.Mamba` (K = 1 direction) and :class:`ssamba.nn.mamba.InnerBiMamba` (K = 2) compute on
 their fast path, as ``mamba_ssm``'s ``mamba_inner_fn`` does on a GPU:
@@ -16,10 +17,11 @@ gate is applied once, after the directions are summed: silu(z) * y_0 + rev(silu(
 silu(z) * (y_0 + rev(y_1)) because rev is a permutation, so no reversed copy of z exists.
 
 Layout: every (E, ...) tensor is channel-major over the whole batch, (E, B, L), so that each projection, forward and
-backward, is one matrix product over all B*L tokens with no transposing copy: in_proj's output (2E, B*L) is x and z
-as they come out of the GEMM, and out_proj reads g (E, B*L) as a transposed operand (``torch.bmm``'s per-item
-products, which the unfused path needs for its (B, E, L) layout, are small GEMMs of depth L for short clips). The
-kernels read rows (k, e, b) of length L, contiguous.
+backward, is one matrix product over all B*L tokens with no transposing copy (through oneDNN: see
+:mod:`ssamba.ops.gemm_cpu`): in_proj's output (2E, B*L) is x and z as they come out of the GEMM, and out_proj reads
+g (E, B*L) as a transposed operand (``torch.bmm``'s per-item products, which the unfused path needs for its
+(B, E, L) layout, are small GEMMs of depth L for short clips). The kernels read rows (k, e, b) of length L,
+contiguous: the scan's checkpointed backward walks them row by row.
 
 Parallel regions per mixer call: three in the forward (conv, scan, gate), three in the backward (gate, scan, conv),
 each over all directions, channels and batch items, where the unfused fast path runs a parallel region or a tensor
@@ -39,8 +41,7 @@ states the tolerance; in float64 they agree to 1e-12).
 Memory kept for the backward, per call: in_proj's output (2E), u and y (K E each) and the x_proj outputs, in
 (B*L)-sized rows, plus the scan's checkpoints; the gate's output is recomputed by the gate's backward, delta by the
 scan's. The unfused path also keeps delta, the reversed copies of x and z, the conv inputs and each direction's
-pre-gate output (benchmarks/RESULTS.md, session 9, has both training peaks). Inference (no autograd) keeps nothing
-and writes in place: x, z and one (K-1) E buffer.
+pre-gate output (benchmarks/RESULTS.md, session 9, has both training peaks).
 """
 
 from __future__ import annotations
@@ -94,11 +95,9 @@ def _reverse_valid(src, n, dst):
 def _conv_kernel(x, weight, bias, lengths, u):
     """u[k] = silu(conv_k(x)), on rev(x) for k = 1; one (channel, batch item) row per iteration.
 
-    x: (E, B, L); u: a tuple of K (E, B, L) arrays, written (u[0] may be x itself: x's row is read before u[0]'s
-    is written); weight: (K, E, WP); bias: (K, E); lengths: (B,).
+    x: (E, B, L); u: (K, E, B, L), written; weight: (K, E, WP); bias: (K, E); lengths: (B,).
     """
-    ndir = len(u)
-    ne, nb, seqlen = x.shape
+    ndir, ne, nb, seqlen = u.shape
     for row in prange(ne * nb):
         e = row // nb
         b = row % nb
@@ -108,11 +107,11 @@ def _conv_kernel(x, weight, bias, lengths, u):
             x_rev = np.empty(seqlen, x.dtype)  # (L,) the row with its valid part reversed
             _reverse_valid(x_r, np.uintp(lengths[b]), x_rev)
             preactivation(x_rev, weight[1, e], bias[1, e], p)
-            u_r = u[ndir - 1][e, b]  # u[1]: a literal index past a 1-tuple fails typing, even where never run
+            u_r = u[1, e, b]
             for t in range(seqlen):
                 u_r[t] = p[t] * sigmoid(p[t])
         preactivation(x_r, weight[0, e], bias[0, e], p)
-        u_r = u[0][e, b]
+        u_r = u[0, e, b]
         for t in range(seqlen):
             u_r[t] = p[t] * sigmoid(p[t])
 
@@ -139,17 +138,14 @@ def _delta_row(x_dbl, k, b, w_e, bias_e, pre, dt):
 
 
 @numba.njit(**PARALLEL)
-def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, save, y, ckpt):
+def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, y, ckpt):
     """y = scan(u, softplus(dt_weight @ x_dbl[:R] + dt_bias), ...) + D u; a pair of channels of one (direction,
     batch item) per iteration (see scan_cpu.scan_row_pair), every direction in one parallel region.
 
-    u, y: tuples of K (E, B, L) arrays (without ``save`` y is not used: the result is written over u); x_dbl:
-    (K, P, B, L);
-    dt_weight: (K, E, R); dt_bias, d_skip: (K, E); a_blk: (K, E, NB, LANES); b_blk, c_blk: (K, B, NB, L, LANES);
-    ckpt: (K, E, B, NB, S, LANES), written when ``save`` (else any array of that rank, not touched).
+    u: (K, E, B, L); x_dbl: (K, P, B, L); dt_weight: (K, E, R); dt_bias, d_skip: (K, E); a_blk: (K, E, NB, LANES);
+    b_blk, c_blk: (K, B, NB, L, LANES). Writes y: (K, E, B, L) and the checkpoints ckpt: (K, E, B, NB, S, LANES).
     """
-    ndir = len(u)
-    ne, nb, seqlen = u[0].shape
+    ndir, ne, nb, seqlen = u.shape
     nblocks = a_blk.shape[2]
     npairs = (ne + 1) // 2
     for item in prange(ndir * npairs * nb):
@@ -157,72 +153,56 @@ def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, save
         e0 = 2 * ((item // nb) % npairs)
         b = item % nb
         e1 = min(e0 + 1, ne - 1)  # an odd E ends with its last channel twice, written once
-        dtype = x_dbl.dtype
-        pre = np.empty(seqlen, dtype)  # (L,) scratch
-        dt0 = np.empty(seqlen, dtype)  # (L,) the discretisation step of each channel
-        dt1 = np.empty(seqlen, dtype)
-        y0 = np.empty(seqlen, dtype)  # (L,) the scan's readouts
-        y1 = np.empty(seqlen, dtype)
-        last = np.empty((nblocks, LANES), dtype)  # the states after the row: not needed
+        pre = np.empty(seqlen, u.dtype)  # (L,) scratch
+        dt0 = np.empty(seqlen, u.dtype)  # (L,) the discretisation step of each channel
+        dt1 = np.empty(seqlen, u.dtype)
+        y0 = np.empty(seqlen, u.dtype)  # (L,) the scan's readouts
+        y1 = np.empty(seqlen, u.dtype)
+        last = np.empty((nblocks, LANES), u.dtype)  # the states after the row: not needed
         _delta_row(x_dbl, k, b, dt_weight[k, e0], dt_bias[k, e0], pre, dt0)
         _delta_row(x_dbl, k, b, dt_weight[k, e1], dt_bias[k, e1], pre, dt1)
-        u0, u1 = u[k][e0, b], u[k][e1, b]  # (L,)
-        ck0 = ckpt[k, e0, b] if save else ckpt[0, 0, 0]
-        ck1 = ckpt[k, e1, b] if save else ckpt[0, 0, 0]
+        u0, u1 = u[k, e0, b], u[k, e1, b]  # (L,)
         scan_row_pair(dt0, dt1, u0, u1, a_blk[k, e0], a_blk[k, e1], b_blk[k, b], c_blk[k, b], y0, y1, last, last,
-                      save, ck0, ck1)  # fmt: skip
-        _skip_row(y[k][e0, b], y0, u0, d_skip[k, e0], save)
+                      True, ckpt[k, e0, b], ckpt[k, e1, b])  # fmt: skip
+        _skip_row(y[k, e0, b], y0, u0, d_skip[k, e0])
         if e1 != e0:
-            _skip_row(y[k][e1, b], y1, u1, d_skip[k, e1], save)
+            _skip_row(y[k, e1, b], y1, u1, d_skip[k, e1])
 
 
 @numba.njit(**SERIAL, inline="always")
-def _skip_row(y_r, readout, u_r, skip, separate):
-    """y_r[t] = readout[t] + skip u_r[t] (the D skip), or written over u_r unless ``separate``. Two loops rather
-    than y_r aliasing u_r: LLVM checks at run time that the arrays of a loop do not overlap, and runs the loop
-    scalar when they do, so each loop names the arrays it really writes."""
-    if separate:
-        for t in range(u_r.shape[0]):
-            y_r[t] = readout[t] + skip * u_r[t]
-    else:
-        for t in range(u_r.shape[0]):
-            u_r[t] = readout[t] + skip * u_r[t]
+def _skip_row(y_r, readout, u_r, skip):
+    """y_r[t] = readout[t] + skip u_r[t] (the D skip)."""
+    for t in range(u_r.shape[0]):
+        y_r[t] = readout[t] + skip * u_r[t]
 
 
 @numba.njit(**PARALLEL)
-def _gate_kernel(y, z, lengths, scale, out, in_place):
-    """out = silu(z) * (y_0 [+ rev(y_1)]) * scale, or written over z when ``in_place`` (out then not used); one
-    (channel, batch item) row per iteration.
+def _gate_kernel(y, z, lengths, scale, out):
+    """out = silu(z) * (y_0 [+ rev(y_1)]) * scale; one (channel, batch item) row per iteration.
 
-    y: a tuple of K (E, B, L) arrays; z, out: (E, B, L); lengths: (B,).
+    y: (K, E, B, L); z, out: (E, B, L); lengths: (B,).
     """
-    ne, nb, seqlen = z.shape
+    ndir, ne, nb, seqlen = y.shape
     for row in prange(ne * nb):
         e = row // nb
         b = row % nb
         ysum = np.empty(seqlen, z.dtype)  # (L,) y_0 [+ rev(y_1)]
         _direction_sum(y, e, b, np.uintp(lengths[b]), ysum)
-        z_r = z[e, b]  # (L,)
-        if in_place:
-            for t in range(seqlen):
-                zt = z_r[t]
-                z_r[t] = ysum[t] * (zt * sigmoid(zt)) * scale
-        else:
-            o_r = out[e, b]
-            for t in range(seqlen):
-                zt = z_r[t]
-                o_r[t] = ysum[t] * (zt * sigmoid(zt)) * scale
+        z_r, o_r = z[e, b], out[e, b]  # (L,)
+        for t in range(seqlen):
+            zt = z_r[t]
+            o_r[t] = ysum[t] * (zt * sigmoid(zt)) * scale
 
 
 @numba.njit(**SERIAL, inline="always")
 def _direction_sum(y, e, b, n, ysum):
-    """ysum = y[0][e, b] [+ rev(y[1][e, b])] with n valid steps (y: a tuple of K (E, B, L) arrays)."""
-    y0 = y[0][e, b]  # (L,)
-    if len(y) == 1:
+    """ysum = y[0, e, b] [+ rev(y[1, e, b])] with n valid steps."""
+    y0 = y[0, e, b]  # (L,)
+    if y.shape[0] == 1:
         for t in range(ysum.shape[0]):
             ysum[t] = y0[t]
     else:
-        _reverse_valid(y[len(y) - 1][e, b], n, ysum)  # y[1] (see _conv_kernel)
+        _reverse_valid(y[1, e, b], n, ysum)
         for t in range(ysum.shape[0]):
             ysum[t] += y0[t]
 
@@ -232,9 +212,9 @@ def _gate_backward_kernel(dg, z, y, lengths, scale, dz, dy):
     """Through the gate: dz = dg scale (y_0 [+ rev(y_1)]) silu'(z), dy_0 = dg scale silu(z) [and dy_1, its
     reversal]; dg becomes the gate's output again (out_proj's weight gradient needs it), in place.
 
-    dg, z, dz: (E, B, L); y: a tuple of K (E, B, L) arrays; dy: (K, E, B, L); lengths: (B,).
+    dg, z, dz: (E, B, L); y, dy: (K, E, B, L); lengths: (B,).
     """
-    ndir, ne, nb, seqlen = dy.shape
+    ndir, ne, nb, seqlen = y.shape
     one = z.dtype.type(1)
     for row in prange(ne * nb):
         e = row // nb
@@ -260,7 +240,7 @@ def _scan_backward_kernel(
     u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, ckpt, dy, row_start, slot_start,
     du, ddelta, d_a, d_d, d_bias, d_b, d_c,
 ):  # fmt: skip
-    """Gradients of :func:`_scan_kernel` (save=True), one thread per partition of the K*B*E rows, ordered
+    """Gradients of :func:`_scan_kernel`, one thread per partition of the K*B*E rows, ordered
     (direction, batch item, channel) so that neighbouring rows share B and C and go through scan_cpu.backward_chunk
     in pairs, as scan_cpu's own backward does.
 
@@ -454,34 +434,31 @@ def _state_blocks(x_dbl: Tensor, lo: int, nstate: int, nblocks: int) -> Tensor:
     return padded.view(ndir, nb, nblocks, LANES, seqlen).transpose(-1, -2).contiguous()
 
 
-def _inner_forward(x: Tensor, z: Tensor, u: tuple[Tensor, ...], w: _Weights, lengths_np: np.ndarray, scale: float,
-                   save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """x, z (E, B, L), in_proj's halves -> the gate's output (E, B, L), with x_dbl (K, P, B, L), y (K, E, B, L) and
-    the checkpoints (K, E, B, NB, S, LANES) for the backward when ``save``. u, K (E, B, L) tensors, receive the
-    conv's outputs; u[0] may be x's memory. Without ``save`` it works in place: y is u and the output is z."""
-    ndir = len(u)
+def _inner_forward(x: Tensor, z: Tensor, w: _Weights, lengths_np: np.ndarray, scale: float,
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """x, z (E, B, L), in_proj's halves -> the gate's output (E, B, L), with what the backward keeps: u, y
+    (K, E, B, L), x_dbl (K, P, B, L) and the scan's checkpoints (K, E, B, NB, S, LANES)."""
     ne, nb, seqlen = x.shape
+    ndir = w.conv_w.shape[0]
     nproj, rank = w.x_proj_w[0].shape[0], w.dt_w.shape[2]
     nblocks = w.a_blk.shape[2]
     nstate = (nproj - rank) // 2
+    u = x.new_empty(ndir, ne, nb, seqlen)
     with torch.profiler.record_function("ssamba::causal_conv1d"):
-        _conv_kernel(_np(x), _np(w.conv_w), _np(w.conv_b), lengths_np, tuple(_np(t) for t in u))
-    with torch.autocast(x.device.type, enabled=False):  # the small x_proj products stay in the kernels' dtype
-        x_dbl = torch.stack([mm(w.x_proj_w[k], u[k].view(ne, nb * seqlen)) for k in range(ndir)])
+        _conv_kernel(_np(x), _np(w.conv_w), _np(w.conv_b), lengths_np, _np(u))
+    x_dbl = torch.stack([mm(w.x_proj_w[k], u[k].view(ne, nb * seqlen)) for k in range(ndir)])
     x_dbl = x_dbl.view(ndir, nproj, nb, seqlen)
     with torch.profiler.record_function("ssamba::selective_scan"):
         b_blk = _state_blocks(x_dbl, rank, nstate, nblocks)
         c_blk = _state_blocks(x_dbl, rank + nstate, nstate, nblocks)
-        y = x.new_empty(ndir, ne, nb, seqlen) if save else None
-        y_np = tuple(_np(y)) if save else tuple(_np(t) for t in u)
-        nchunks = -(-seqlen // CHECKPOINT_EVERY)
-        ckpt = x.new_empty((ndir, ne, nb, nblocks, nchunks, LANES) if save else (1, 1, 1, 1, 1, LANES))
-        _scan_kernel(tuple(_np(t) for t in u), _np(x_dbl), _np(w.dt_w), _np(w.dt_b), _np(w.a_blk), _np(b_blk),
-                     _np(c_blk), _np(w.d_skip), save, y_np, _np(ckpt))  # fmt: skip
+        y = torch.empty_like(u)
+        ckpt = x.new_empty(ndir, ne, nb, nblocks, -(-seqlen // CHECKPOINT_EVERY), LANES)
+        _scan_kernel(_np(u), _np(x_dbl), _np(w.dt_w), _np(w.dt_b), _np(w.a_blk), _np(b_blk), _np(c_blk),
+                     _np(w.d_skip), _np(y), _np(ckpt))  # fmt: skip
     with torch.profiler.record_function("ssamba::gate"):
-        out = x.new_empty(ne, nb, seqlen) if save else z
-        _gate_kernel(y_np, _np(z), lengths_np, _np(x).dtype.type(scale), _np(out), not save)
-    return out, x_dbl, y, ckpt
+        out = torch.empty_like(x)
+        _gate_kernel(_np(y), _np(z), lengths_np, _np(x).dtype.type(scale), _np(out))
+    return out, u, x_dbl, y, ckpt
 
 
 def _unblocked_into(dst: Tensor, slots: Tensor, slot_kb: Tensor, ndir: int, nb: int) -> None:
@@ -509,8 +486,7 @@ class _MambaInnerFn(torch.autograd.Function):
         if in_b is not None:
             xz += in_b[:, None]
         xz = xz.view(2 * ne, nb, seqlen)
-        u = xz.new_empty(ndir, ne, nb, seqlen)
-        g, x_dbl, y, ckpt = _inner_forward(xz[:ne], xz[ne:], tuple(u), w, lengths_np, scale, save=True)
+        g, u, x_dbl, y, ckpt = _inner_forward(xz[:ne], xz[ne:], w, lengths_np, scale)
         out = mm(g.view(ne, nb * seqlen).t(), out_w.to(dtype).t())  # (B*L, M)
         if out_b is not None:
             out += out_b
@@ -538,7 +514,7 @@ class _MambaInnerFn(torch.autograd.Function):
         dg = mm(out_w.to(u.dtype).t(), d2.t()).view(ne, nb, seqlen)  # (E, B, L)
         dz, dy = torch.empty_like(dg), torch.empty_like(y)
         with torch.profiler.record_function("ssamba::gate"):
-            _gate_backward_kernel(_np(dg), _np(xz[ne:]), tuple(_np(y)), ctx.lengths_np, _np(y).dtype.type(ctx.scale),
+            _gate_backward_kernel(_np(dg), _np(xz[ne:]), _np(y), ctx.lengths_np, _np(y).dtype.type(ctx.scale),
                                   _np(dz), _np(dy))  # fmt: skip
         d_out_w = mm(d2.t(), dg.view(ne, tokens).t())  # (M, E): dg holds g now
         del dg
@@ -612,8 +588,9 @@ def mamba_inner_cpu(
     in_proj / out_proj: (weight, bias or None) as the Linear layers hold them; dirs: one or two directions'
     weights (the second scans the valid part of each item reversed); lengths (B,) valid lengths or None; scale:
     the factor of the direction sum (1/2 for Vim's ``if_devide_out``, else 1). Differentiable in h and every
-    weight when autograd is recording; otherwise it runs in place in three (B, E, L)-sized buffers (x, z and the
-    second direction's u). Under ``torch.autocast`` (inference only) in_proj and out_proj run in autocast's dtype.
+    weight when autograd is recording; otherwise :func:`ssamba.ops.mamba_infer_cpu.mamba_infer_cpu` runs it, in
+    three (B, L, E)-sized buffers. Under ``torch.autocast`` (inference only) in_proj and out_proj run in autocast's
+    dtype.
     """
     nb, seqlen, m = h.shape
     ndir, ne = len(dirs), dirs[0].D.shape[0]
