@@ -104,6 +104,17 @@ def _bench_embed(args) -> int:
     return 0
 
 
+def _bench_gemm(args) -> int:
+    from ssamba.bench.gemm import format_table, run
+
+    if args.tokens < 1 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        print("ssamba bench gemm: error: --tokens, --repeats and --threads must be positive", file=sys.stderr)
+        return 2
+    result = run(args.tokens, threads=args.threads, repeats=args.repeats)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
 def _bench_models(args) -> int:
     from ssamba.bench import models as bench
     from ssamba.fields import parse_text
@@ -492,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=None, help="torch threads in the child (default: all)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=_bench_embed)
+    bg = bench_commands.add_parser("gemm", help="float32 matrix products: torch.mm (MKL) vs the fast path's oneDNN")
+    bg.add_argument("--tokens", type=int, default=1024, help="tokens (batch x length) per product (default 1024)")
+    bg.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    bg.add_argument("--repeats", type=int, default=20, help="timed calls per product (default 20)")
+    bg.add_argument("--json", action="store_true")
+    bg.set_defaults(func=_bench_gemm)
     bm = bench_commands.add_parser(
         "models", help="SSAMBA vs SSAST batch-inference time and peak memory against the token count")
     bm.add_argument("--models", default=None, help="comma-separated registry names (default: ssamba_tiny,ssast_tiny)")
