@@ -70,8 +70,8 @@ def _time_product(model: str, name: str, m: int | str, k: int, n: int | str, tok
 def format_table(result: dict) -> str:
     m, cfg = result["machine"], result["config"]
     fast = "oneDNN" if cfg["onednn"] else "torch.mm (no oneDNN in this torch)"
-    lines = [f"float32 products at {cfg['tokens']} tokens, {cfg['threads']} threads, median of {cfg['repeats']}; "
-             f"fast path: {fast}; {m['cpu']}; torch {m['torch']}; {result['date']}", "",
+    lines = [f"float32 products at {cfg['tokens']} tokens, threads: {cfg['threads']}, median of {cfg['repeats']} "
+             f"calls; fast path: {fast}; {m['cpu']}; torch {m['torch']}; {result['date']}", "",
              "| model | product | M x K x N | torch.mm | fast path | torch.mm | fast path | speedup |",
              "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:

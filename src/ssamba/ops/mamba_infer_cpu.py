@@ -5,9 +5,10 @@ produce and consume it.
 Why a second layout for inference: the training kernels keep channel-major rows (E, B, L), which the scan's
 checkpointed backward walks row by row. There a scan step updates one row's 16 states across the vector lanes; the
 next step of that row waits for it, and each step ends in a horizontal sum of the 16 lanes (the readout). Here the
-lanes hold 16 channels of one token instead: each of the N states is its own vector recurrence, the N of them are
-independent (the CPU overlaps them), B and C are scalars broadcast to the lanes, and the readout is a plain
-vector sum. The projections stay single GEMMs over all B*L tokens, with no transposed copies.
+lanes hold channels of one token instead: each of the N states is its own vector recurrence over a block of
+channels, the N of them independent (the CPU overlaps them), B and C are scalars broadcast to the lanes, and the
+readout is a plain vector sum. The projections stay single GEMMs over all B*L tokens, with no transposed copies.
+benchmarks/RESULTS.md (session 11) has the forward's time with both layouts.
 
     GEMM    x = in_proj_x(h)                                  (B*L, E)
     conv    u_k = silu(conv_k(x)), k = 1 in the reversed order of each item's valid positions
@@ -17,7 +18,8 @@ vector sum. The projections stay single GEMMs over all B*L tokens, with no trans
             silu(z) * (y_0 [+ rev(y_1)]) [/ 2] written over z
     GEMM    out = out_proj(z)
 
-Live (B, L, E) buffers: u (K of them) and z, as in the channel-major inference; x is freed before z is made.
+Live (B, L, E) buffers: u (K of them) and z, three for K = 2 (x is freed before z is made), as many as the
+channel-major inference that this replaced.
 
 Numbers: the same arithmetic as the training path's kernels, but the readout sums the states in order rather than
 as a tree, dt_proj's rank-R sum is the same loop, and the conv sums its taps in the same order; so the two agree to
@@ -100,8 +102,8 @@ def _scan_gate_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z
     for task in prange(nb * nblocks):
         b = task // nblocks
         c0 = (task % nblocks) * _CHANNELS
-        # A full block's loops get a constant trip count, which LLVM vectorises without remainder loops: the
-        # states' loop ran 1.17x as fast as with a run-time width (one core of the 2-core AMD EPYC).
+        # A full block's loops get a constant trip count, which LLVM vectorises without remainder loops (a partial
+        # last block gets its own compiled copy).
         if ne - c0 >= _CHANNELS:
             _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, b, c0, _CHANNELS)
         else:
