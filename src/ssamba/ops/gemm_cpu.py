@@ -2,13 +2,14 @@
 
 torch's float32 ``torch.mm`` on CPU calls MKL's sgemm. MKL chooses its code path by the CPU's vendor, and on AMD
 processors it runs its AVX2 kernels even where the CPU has AVX-512. oneDNN, which torch also ships, chooses by the
-instruction set. On one core of the AMD EPYC (Zen 5) the mixer's products ran at 160-230 GFLOP/s through oneDNN
-against 90-100 through MKL (`ssamba bench gemm`; benchmarks/RESULTS.md, session 11). On CPUs where MKL takes its
-best path the two are alike, so oneDNN is the one choice, wherever torch was built with it.
+instruction set. On one core of the AMD EPYC (Zen 5) both models' projection shapes ran at 170-230 GFLOP/s through
+oneDNN against 89-101 through MKL (`ssamba bench gemm`; benchmarks/RESULTS.md, session 11). Where MKL takes its
+AVX-512 path (Intel CPUs) the two should be alike; that is not measured yet, and `ssamba bench gemm` shows it on
+any CPU.
 
-The two libraries block the sums differently, so their results differ by float32 rounding. The fused mixer
-(:mod:`ssamba.ops.mamba_inner_cpu`) is the only caller: the reference path keeps torch's own products, and with
-them the official numbers' bits.
+The two libraries block the sums differently, so their results differ by float32 rounding. Only the fused mixer
+calls this (:mod:`ssamba.ops.mamba_inner_cpu`, :mod:`ssamba.ops.mamba_infer_cpu`): the reference path keeps
+torch's own products, and with them the official numbers' bits.
 """
 
 from __future__ import annotations
