@@ -30,7 +30,7 @@ Shapes as in :mod:`ssamba.ops.mamba_inner_cpu`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -42,9 +42,6 @@ from ssamba.ops.conv_cpu import padded_taps
 from ssamba.ops.cpu_math import PARALLEL, SERIAL, exp, sigmoid
 from ssamba.ops.cpu_math import softplus as softplus_of
 from ssamba.ops.gemm_cpu import mm
-
-if TYPE_CHECKING:  # mamba_inner_cpu imports this module
-    from ssamba.ops.mamba_inner_cpu import DirectionWeights
 
 __all__ = ["mamba_infer_cpu"]
 
@@ -192,7 +189,7 @@ class _Weights(NamedTuple):
     d_skip: np.ndarray  # (K, E)
 
 
-def _kernel_weights(dirs: tuple[DirectionWeights, ...], dtype: torch.dtype) -> _Weights:
+def _kernel_weights(dirs: tuple, dtype: torch.dtype) -> _Weights:
     ne = dirs[0].D.shape[0]
 
     def stacked(ts: list[Tensor]) -> np.ndarray:
@@ -210,12 +207,13 @@ def _kernel_weights(dirs: tuple[DirectionWeights, ...], dtype: torch.dtype) -> _
 
 
 def mamba_infer_cpu(
-    h: Tensor, in_proj: tuple[Tensor, Tensor | None], dirs: tuple[DirectionWeights, ...],
+    h: Tensor, in_proj: tuple[Tensor, Tensor | None], dirs: tuple,
     out_proj: tuple[Tensor, Tensor | None], lengths_np: np.ndarray, scale: float,
 ) -> Tensor:  # fmt: skip
     """h (B, L, M) -> out_proj(gate(scans)) (B, L, M), without autograd; arguments as
-    :func:`ssamba.ops.mamba_inner_cpu.mamba_inner_cpu`, lengths_np (B,) checked. Under ``torch.autocast`` in_proj
-    and out_proj run in autocast's dtype."""
+    :func:`ssamba.ops.mamba_inner_cpu.mamba_inner_cpu` (dirs: its ``DirectionWeights``, not imported here because
+    that module imports this one), lengths_np (B,) checked. Under ``torch.autocast`` in_proj and out_proj run in
+    autocast's dtype."""
     nb, seqlen, m = h.shape
     ndir, ne = len(dirs), dirs[0].D.shape[0]
     dtype = h.dtype
