@@ -43,79 +43,114 @@ from ssamba.ops.cpu_math import PARALLEL, SERIAL, exp, sigmoid
 from ssamba.ops.cpu_math import softplus as softplus_of
 from ssamba.ops.gemm_cpu import mm
 
-__all__ = ["mamba_infer_cpu"]
+__all__ = ["DirectionWeights", "mamba_infer_cpu"]
 
-# Channels per task of the scan kernel: E = 384 (SSAMBA-tiny) makes 6 blocks per item, which two cores share evenly
+# Channels per task of the scan kernels: E = 384 (SSAMBA-tiny) makes 6 blocks per item, which two cores share evenly
 # at batch 1 too; each state's update then runs over 4 vectors of 16 lanes.
-_CHANNELS = 64
+CHANNELS = 64
+# The training forward keeps the scan's states before every CHECKPOINT_STEPS-th step, (N, E) per item and
+# direction, half of u's size; its backward recomputes a chunk's states from them into a (2N + 3, CHANNELS) buffer
+# per step, 256 KiB for a chunk of 32 steps at N = 16 (in a core's L2 cache on current server CPUs).
+CHECKPOINT_STEPS = 32
 # Tokens per task of the conv kernel: long enough that a task's setup is negligible, short enough that a batch of
 # one short clip still splits across the cores.
-_CONV_TOKENS = 64
+CONV_TOKENS = 64
 
 
 @numba.njit(**PARALLEL)
-def _conv_kernel(x, weight, bias, lengths, u):
-    """u[k][b, i] = silu(bias_k + sum_j weight[k, j] x[b, pos_k(i - (WP-1) + j)]) over the positions i - (WP-1) + j
-    >= 0, where pos_0(i) = i and pos_1 reverses each item's first lengths[b] positions (the rest stay in place).
+def conv_kernel(x, weight, bias, lengths, u):
+    """u[k][b, i] = silu(conv_k(x)[b, i]) (see :func:`conv_preactivation`); one (direction, batch item, block of
+    CONV_TOKENS steps) per iteration.
 
     x: (B, L, E); weight: (K, WP, E) left-padded taps, transposed; bias: (K, E); u: a tuple of K (B, L, E).
     """
     ndir = len(u)
     nb, seqlen, ne = x.shape
-    wp = weight.shape[1]
-    nchunks = (seqlen + _CONV_TOKENS - 1) // _CONV_TOKENS
+    nchunks = (seqlen + CONV_TOKENS - 1) // CONV_TOKENS
     for task in prange(ndir * nb * nchunks):
         k = task // (nb * nchunks)
         b = (task // nchunks) % nb
-        i0 = (task % nchunks) * _CONV_TOKENS
-        n = lengths[b]
-        acc = np.empty(ne, x.dtype)  # (E,) one token's pre-activation
-        bias_k = bias[k]
-        for i in range(i0, min(i0 + _CONV_TOKENS, seqlen)):
-            for c in range(ne):
-                acc[c] = bias_k[c]
-            for j in range(wp):
-                src = i - (wp - 1) + j
-                if src < 0:
-                    continue
-                t = n - 1 - src if k == 1 and src < n else src
-                w_j, x_t = weight[k, j], x[b, t]  # (E,)
-                for c in range(ne):
-                    acc[c] += w_j[c] * x_t[c]
+        i0 = (task % nchunks) * CONV_TOKENS
+        acc = np.empty(ne, x.dtype)  # (E,) one step's pre-activation
+        for i in range(i0, min(i0 + CONV_TOKENS, seqlen)):
+            conv_preactivation(x, weight, bias[k], k, b, i, lengths[b], acc)
             u_i = u[k][b, i]  # (E,)
             for c in range(ne):
                 u_i[c] = acc[c] * sigmoid(acc[c])
 
 
+@numba.njit(**SERIAL, inline="always")
+def conv_preactivation(x, weight, bias_k, k, b, i, n, acc):
+    """acc = bias_k + sum_j weight[k, j] x[b, pos_k(i - (WP-1) + j)] over the taps with i - (WP-1) + j >= 0: the
+    pre-activation of direction k's causal conv at its step i, where pos_0(s) = s and pos_1 reverses the item's
+    first n positions (the rest stay in place). x: (B, L, E); weight: (K, WP, E); bias_k, acc: (E,)."""
+    wp = weight.shape[1]
+    for c in range(acc.shape[0]):
+        acc[c] = bias_k[c]
+    for j in range(wp):
+        src = i - (wp - 1) + j
+        if src < 0:
+            continue
+        t = n - 1 - src if k == 1 and src < n else src
+        w_j, x_t = weight[k, j], x[b, t]  # (E,)
+        for c in range(acc.shape[0]):
+            acc[c] += w_j[c] * x_t[c]
+
+
 @numba.njit(**PARALLEL)
-def _scan_gate_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z):
-    """z = silu(z) * (y_0 [+ rev(y_1)]) * scale with y_k = scan_k + D_k u_k; one (batch item, block of up to
-    _CHANNELS channels) per iteration, both directions in it: y_0 is written over u_0 (each step reads its own u
-    before it writes), the gate over z by the last direction, so no further buffer or pass is needed.
+def scan_gate_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z, ysum, g, ckpt):
+    """g = silu(z) * ysum * scale with ysum = y_0 [+ rev(y_1)], y_k = scan_k + D_k u_k; one (batch item, block of
+    up to CHANNELS channels) per iteration, both directions in it.
 
     u: a tuple of K (B, L, E) (u[1] in reversed order, as the conv wrote it); x_dbl: a tuple of K (B, L, P);
     dt_weight: (K, R, E) dt_proj's weight transposed; dt_bias, d_skip: (K, E); a: (K, N, E) A transposed;
-    lengths: (B,); z: (B, L, E), overwritten.
+    lengths: (B,); z: (B, L, E). Writes ysum and g: (B, L, E), and ckpt: (K, B, S, N, E), the states before every
+    CHECKPOINT_STEPS-th step, where S > 0 (the training path keeps them for its backward).
+
+    Inference passes u[0] as ysum and z as g, so that no further buffer is needed: direction 0's y_0 goes over
+    u_0 (each step reads its own u before it writes) and the gate over z (each step reads its own z first).
     """
     nb, ne = z.shape[0], z.shape[2]
-    nblocks = (ne + _CHANNELS - 1) // _CHANNELS
+    nblocks = (ne + CHANNELS - 1) // CHANNELS
     for task in prange(nb * nblocks):
         b = task // nblocks
-        c0 = (task % nblocks) * _CHANNELS
+        c0 = (task % nblocks) * CHANNELS
         # A full block's loops get a constant trip count, which LLVM vectorises without remainder loops (a partial
         # last block gets its own compiled copy).
-        if ne - c0 >= _CHANNELS:
-            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, b, c0, _CHANNELS)
+        if ne - c0 >= CHANNELS:
+            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, ysum, g, ckpt, b, c0, CHANNELS)
         else:
-            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, b, c0, ne - c0)
+            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, ysum, g, ckpt, b, c0, ne - c0)
 
 
 @numba.njit(**SERIAL, inline="always")
-def _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, b, c0, width):
-    """:func:`_scan_gate_kernel` for batch item b's channels c0 .. c0 + width - 1 (n of its steps valid)."""
+def discretise(xd, w_g, bias_g, u_t, pre, dt, dtu):
+    """One step's pre = dt_proj(x_dbl[:R]) + bias (summed in the order of the faithful path's rank-R product),
+    dt = softplus(pre) and dtu = dt u, for a block of channels. xd: (P,) the step's x_proj output; w_g: (R, W)
+    dt_proj's weight for the block, transposed; bias_g, u_t, pre, dt, dtu: (W,)."""
+    width = dt.shape[0]
+    for c in range(width):
+        pre[c] = 0
+    for r in range(w_g.shape[0]):
+        xr = xd[r]
+        w_r = w_g[r]
+        for c in range(width):
+            pre[c] += xr * w_r[c]
+    for c in range(width):
+        p = pre[c] + bias_g[c]
+        d = softplus_of(p)
+        pre[c] = p
+        dt[c] = d
+        dtu[c] = d * u_t[c]
+
+
+@numba.njit(**SERIAL, inline="always")
+def _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, ysum, g, ckpt, b, c0, width):
+    """:func:`scan_gate_kernel` for batch item b's channels c0 .. c0 + width - 1 (n of its steps valid)."""
     ndir = len(u)
     seqlen = z.shape[1]
     rank, nstate = dt_weight.shape[1], a.shape[1]
+    save = ckpt.shape[2] > 0
     dtype = z.dtype
     h = np.empty((nstate, width), dtype)  # the block's states
     a_g = np.empty((nstate, width), dtype)
@@ -123,7 +158,8 @@ def _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, b, c0, wid
     # each state's share of the readout, summed after the states' loop: accumulating it inside that loop kept
     # the loop from vectorising
     hc = np.empty((nstate, width), dtype)
-    dt = np.empty(width, dtype)  # one step's dt, dt u and readout
+    pre = np.empty(width, dtype)  # one step's pre-activation, dt, dt u and readout
+    dt = np.empty(width, dtype)
     dtu = np.empty(width, dtype)
     y = np.empty(width, dtype)
     for k in range(ndir):
@@ -137,18 +173,13 @@ def _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, b, c0, wid
         bias_g, skip_g = dt_bias[k, c0 : c0 + width], d_skip[k, c0 : c0 + width]
         u_k, x_k = u[k], x_dbl[k]
         for i in range(seqlen):
+            if save and i % CHECKPOINT_STEPS == 0:
+                ck = ckpt[k, b, i // CHECKPOINT_STEPS]  # (N, E)
+                for s in range(nstate):
+                    for c in range(width):
+                        ck[s, c0 + c] = h[s, c]
             u_t, xd = u_k[b, i, c0 : c0 + width], x_k[b, i]  # (width,), (P,)
-            for c in range(width):  # dt = softplus(dt_proj(x_dbl[:R]) + bias), summed as the training kernel
-                dt[c] = 0
-            for r in range(rank):
-                xr = xd[r]
-                w_r = w_g[r]
-                for c in range(width):
-                    dt[c] += xr * w_r[c]
-            for c in range(width):
-                d = softplus_of(dt[c] + bias_g[c])
-                dt[c] = d
-                dtu[c] = d * u_t[c]
+            discretise(xd, w_g, bias_g, u_t, pre, dt, dtu)
             for s in range(nstate):
                 bs, cs = xd[rank + s], xd[rank + nstate + s]
                 h_s, a_s, hc_s = h[s], a_g[s], hc[s]  # (width,)
@@ -162,22 +193,35 @@ def _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, b, c0, wid
                 hc_s = hc[s]
                 for c in range(width):
                     y[c] += hc_s[c]
-            if k == 0 and ndir == 2:  # y_0 over u_0, this step's u being read already
+            if k == 0 and ndir == 2:  # y_0, this step's u being read already
+                y_t = ysum[b, i, c0 : c0 + width]
                 for c in range(width):
-                    u_t[c] = y[c] + skip_g[c] * u_t[c]
+                    y_t[c] = y[c] + skip_g[c] * u_t[c]
             else:
                 t = n - 1 - i if k == 1 and i < n else i  # the original position of step i
-                z_t = z[b, t, c0 : c0 + width]
-                y0 = u[0][b, t, c0 : c0 + width]  # y_0 when K = 2 (not read for K = 1)
+                z_t, y_t, g_t = z[b, t, c0 : c0 + width], ysum[b, t, c0 : c0 + width], g[b, t, c0 : c0 + width]
                 for c in range(width):
                     ys = y[c] + skip_g[c] * u_t[c]
                     if ndir == 2:
-                        ys = y0[c] + ys
+                        ys = y_t[c] + ys
                     zt = z_t[c]
-                    z_t[c] = ys * (zt * sigmoid(zt)) * scale
+                    y_t[c] = ys
+                    g_t[c] = ys * (zt * sigmoid(zt)) * scale
 
 
-class _Weights(NamedTuple):
+class DirectionWeights(NamedTuple):
+    """One direction's parameters, as the mixer holds them (A already -exp(A_log))."""
+
+    conv_weight: Tensor  # (E, 1, W)
+    conv_bias: Tensor | None  # (E,)
+    x_proj_weight: Tensor  # (P, E)
+    dt_proj_weight: Tensor  # (E, R)
+    dt_proj_bias: Tensor  # (E,)
+    A: Tensor  # (E, N), negative
+    D: Tensor  # (E,)
+
+
+class KernelWeights(NamedTuple):
     """The K directions' parameters in the kernels' dtype and token-major layouts (no graph)."""
 
     conv_w: np.ndarray  # (K, WP, E) left-padded taps, transposed
@@ -189,13 +233,13 @@ class _Weights(NamedTuple):
     d_skip: np.ndarray  # (K, E)
 
 
-def _kernel_weights(dirs: tuple, dtype: torch.dtype) -> _Weights:
+def kernel_weights(dirs: tuple[DirectionWeights, ...], dtype: torch.dtype) -> KernelWeights:
     ne = dirs[0].D.shape[0]
 
     def stacked(ts: list[Tensor]) -> np.ndarray:
         return torch.stack([t.detach().to(dtype) for t in ts]).contiguous().numpy()
 
-    return _Weights(
+    return KernelWeights(
         conv_w=stacked([padded_taps(d.conv_weight, dtype).t() for d in dirs]),
         conv_b=stacked([d.conv_bias if d.conv_bias is not None else torch.zeros(ne) for d in dirs]),
         x_proj_w=tuple(d.x_proj_weight.detach().to(dtype) for d in dirs),
@@ -207,19 +251,18 @@ def _kernel_weights(dirs: tuple, dtype: torch.dtype) -> _Weights:
 
 
 def mamba_infer_cpu(
-    h: Tensor, in_proj: tuple[Tensor, Tensor | None], dirs: tuple,
+    h: Tensor, in_proj: tuple[Tensor, Tensor | None], dirs: tuple[DirectionWeights, ...],
     out_proj: tuple[Tensor, Tensor | None], lengths_np: np.ndarray, scale: float,
 ) -> Tensor:  # fmt: skip
     """h (B, L, M) -> out_proj(gate(scans)) (B, L, M), without autograd; arguments as
-    :func:`ssamba.ops.mamba_inner_cpu.mamba_inner_cpu` (dirs: its ``DirectionWeights``, not imported here because
-    that module imports this one), lengths_np (B,) checked. Under ``torch.autocast`` in_proj and out_proj run in
-    autocast's dtype."""
+    :func:`ssamba.ops.mamba_inner_cpu.mamba_inner_cpu`, lengths_np (B,) checked. Under ``torch.autocast`` in_proj
+    and out_proj run in autocast's dtype."""
     nb, seqlen, m = h.shape
     ndir, ne = len(dirs), dirs[0].D.shape[0]
     dtype = h.dtype
     in_w, in_b = in_proj
     out_w, out_b = out_proj
-    w = _kernel_weights(dirs, dtype)
+    w = kernel_weights(dirs, dtype)
     h2 = h.reshape(nb * seqlen, m)
 
     def in_half(i: int) -> Tensor:  # x (i = 0) or z (i = 1): (B, L, E) in the kernels' dtype
@@ -231,14 +274,16 @@ def mamba_infer_cpu(
     x = in_half(0)
     u = tuple(torch.empty_like(x) for _ in range(ndir))
     with torch.profiler.record_function("ssamba::causal_conv1d"):
-        _conv_kernel(x.numpy(), w.conv_w, w.conv_b, lengths_np, tuple(t.numpy() for t in u))
+        conv_kernel(x.numpy(), w.conv_w, w.conv_b, lengths_np, tuple(t.numpy() for t in u))
     del x
     with torch.autocast(h.device.type, enabled=False):  # the small x_proj products stay in the kernels' dtype
         x_dbl = tuple(mm(u[k].view(nb * seqlen, ne), w.x_proj_w[k].t()).view(nb, seqlen, -1) for k in range(ndir))
     z = in_half(1)
     with torch.profiler.record_function("ssamba::selective_scan"):
-        _scan_gate_kernel(tuple(t.numpy() for t in u), tuple(t.numpy() for t in x_dbl), w.dt_w, w.dt_b, w.a,
-                          w.d_skip, lengths_np, z.numpy().dtype.type(scale), z.numpy())  # fmt: skip
+        u_np, z_np = tuple(t.numpy() for t in u), z.numpy()
+        no_checkpoints = np.empty((ndir, nb, 0, w.a.shape[1], ne), z_np.dtype)
+        scan_gate_kernel(u_np, tuple(t.numpy() for t in x_dbl), w.dt_w, w.dt_b, w.a, w.d_skip, lengths_np,
+                         z_np.dtype.type(scale), z_np, u_np[0], z_np, no_checkpoints)  # fmt: skip
     del u, x_dbl, w
     out = mm(z.view(nb * seqlen, ne), out_w.t())  # (B*L, M), in autocast's dtype under autocast
     if out_b is not None:

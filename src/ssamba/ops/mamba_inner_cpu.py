@@ -1,14 +1,14 @@
 """The Mamba mixer's whole fast path on CPU, ``in_proj`` to ``out_proj``, for one direction or Vim's two (v2):
 numba kernels for everything between the projections, and a hand-written backward. Without autograd the call goes
-to :mod:`ssamba.ops.mamba_infer_cpu`, the same computation in a token-major layout that needs no backward.
+to :func:`ssamba.ops.mamba_infer_cpu.mamba_infer_cpu`, whose forward kernels the training path shares.
 
 What :class:`ssamba.nn.mamba.Mamba` (K = 1 direction) and :class:`ssamba.nn.mamba.InnerBiMamba` (K = 2) compute on
 their fast path, as ``mamba_ssm``'s ``mamba_inner_fn`` does on a GPU:
 
-    GEMM    [x | z] = in_proj(h)                                              (one product over all B*L tokens)
+    GEMM    x = in_proj_x(h), z = in_proj_z(h)                               (B*L, E) each
     conv    u_k = silu(conv_k(x)) for k = 0; for k = 1 on rev(x)
-    GEMM    (dt, B, C)_k = x_proj_k(u_k)
-    scan    y_k = scan(u_k, softplus(dt_proj_k(dt_k) + bias_k), A_k, B_k, C_k) + D_k u_k  (dt_proj inside, row by row)
+    GEMM    (dt, B, C)_k = x_proj_k(u_k)                                      (B*L, P) each
+    scan    y_k = scan(u_k, softplus(dt_proj_k(dt_k) + bias_k), A_k, B_k, C_k) + D_k u_k  (dt_proj inside)
     gate    g = silu(z) * (y_0 [+ rev(y_1)]) [/ 2]
     GEMM    out = out_proj(g)
 
@@ -16,37 +16,37 @@ their fast path, as ``mamba_ssm``'s ``mamba_inner_fn`` does on a GPU:
 gate is applied once, after the directions are summed: silu(z) * y_0 + rev(silu(rev(z)) * y_1) equals
 silu(z) * (y_0 + rev(y_1)) because rev is a permutation, so no reversed copy of z exists.
 
-Layout: every (E, ...) tensor is channel-major over the whole batch, (E, B, L), so that each projection, forward and
-backward, is one matrix product over all B*L tokens with no transposing copy (through oneDNN: see
-:mod:`ssamba.ops.gemm_cpu`): in_proj's output (2E, B*L) is x and z as they come out of the GEMM, and out_proj reads
-g (E, B*L) as a transposed operand (``torch.bmm``'s per-item products, which the unfused path needs for its
-(B, E, L) layout, are small GEMMs of depth L for short clips). The kernels read rows (k, e, b) of length L,
-contiguous: the scan's checkpointed backward walks them row by row.
+Layout: every activation is token-major, (B, L, E), as the projections produce and consume it, so each projection,
+forward and backward, is one matrix product over all B*L tokens (through oneDNN: :mod:`ssamba.ops.gemm_cpu`).
+Direction 1's u, x_proj output and their gradients are kept in its scan order (the valid part reversed), as its
+conv writes u; the kernels map positions, so no reversed copy exists. The scan kernels' vector lanes hold channels
+(see :mod:`ssamba.ops.mamba_infer_cpu`): one task is a (batch item, block of CHANNELS channels) with both
+directions in it.
 
-Parallel regions per mixer call: three in the forward (conv, scan, gate), three in the backward (gate, scan, conv),
-each over all directions, channels and batch items, where the unfused fast path runs a parallel region or a tensor
-op for each step of each direction (the reversals, the conv, softplus, the scan, the gate, the direction sum).
+The backward, per call: the gate's (one pass: the gradients of z and of the direction sum, and the gate's output
+again for out_proj's weight gradient); the scan's, chunk by chunk from the last: a chunk's states are recomputed
+from the forward's checkpoint, then walked backwards, every state a vector recurrence over the block's channels,
+and dB, dC summed over each block's channels per step (the caller sums the blocks); the x_proj and dt_proj
+products; the conv's, in two passes (the gradient of its pre-activation with the weight gradients, then dx, which
+gathers both directions' taps, so no two threads write one element).
 
 Shape glossary
     B  batch      E  channels (d_inner)      L  sequence length      M  d_model      N  state size    R  dt_rank
     P  R + 2N (x_proj's outputs)      K  directions (1 or 2)      W  conv width (WP: padded to conv_cpu.TAPS)
-    NB, LANES, S  state blocks and checkpoints as in scan_cpu       Q  dB/dC slots of the backward's partitions
+    S  checkpoints per row (L / CHECKPOINT_STEPS, rounded up)      NBLK  channel blocks (E / CHANNELS, rounded up)
 
-Numbers: the conv, the scan recurrence and their backward passes are :mod:`ssamba.ops.conv_cpu`'s and
-:mod:`ssamba.ops.scan_cpu`'s own row code; what differs from the unfused fast path is the summation order of
-dt_proj's rank-R products (a plain loop against BLAS), of the projections (one product over B*L tokens against one
-per item) and where the gate's product is rounded, so the two agree to float32 rounding (tests/test_mamba_inner_cpu.py
-states the tolerance; in float64 they agree to 1e-12).
+Numbers: the forward is the inference path's arithmetic, and the backward recomputes the states with the same
+expressions; what differs from the faithful path is the order of float32 sums (the projections over all B*L
+tokens, dt_proj's rank-R sum as a loop, the readout, dB and dC over channels, the sums over time in float32 within
+a chunk and float64 across chunks), so the two agree to float32 rounding (tests/test_mamba_inner_cpu.py states the
+tolerance; in float64 they agree to 1e-12).
 
-Memory kept for the backward, per call: in_proj's output (2E), u and y (K E each) and the x_proj outputs, in
-(B*L)-sized rows, plus the scan's checkpoints; the gate's output is recomputed by the gate's backward, delta by the
-scan's. The unfused path also keeps delta, the reversed copies of x and z, the conv inputs and each direction's
-pre-gate output (benchmarks/RESULTS.md, session 9, has both training peaks).
+Memory kept for the backward, per call: x, z, the direction sum of the scans' outputs (E each), u and the x_proj
+outputs (K E and K P), and the scan's checkpoints (K N E / CHECKPOINT_STEPS per token); the gate's output is
+recomputed by the gate's backward, delta and the states by the scan's.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -54,324 +54,266 @@ import torch
 from numba import prange
 from torch import Tensor
 
-from ssamba.ops.conv_cpu import backward_row as conv_backward_row
-from ssamba.ops.conv_cpu import padded_taps, preactivation
-from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, sigmoid
-from ssamba.ops.cpu_math import softplus as softplus_of
+from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, exp, sigmoid
 from ssamba.ops.gemm_cpu import mm
-from ssamba.ops.mamba_infer_cpu import mamba_infer_cpu
-from ssamba.ops.scan_cpu import CHECKPOINT_EVERY, LANES, WORK_ROWS, a_blocks, backward_chunk, partitions, scan_row_pair
+from ssamba.ops.mamba_infer_cpu import (
+    CHANNELS,
+    CHECKPOINT_STEPS,
+    CONV_TOKENS,
+    DirectionWeights,
+    conv_kernel,
+    conv_preactivation,
+    discretise,
+    kernel_weights,
+    mamba_infer_cpu,
+    scan_gate_kernel,
+)
 
 __all__ = ["DirectionWeights", "is_available", "mamba_inner_cpu"]
-
-
-class DirectionWeights(NamedTuple):
-    """One direction's parameters, as the mixer holds them (A already -exp(A_log))."""
-
-    conv_weight: Tensor  # (E, 1, W)
-    conv_bias: Tensor | None  # (E,)
-    x_proj_weight: Tensor  # (P, E)
-    dt_proj_weight: Tensor  # (E, R)
-    dt_proj_bias: Tensor  # (E,)
-    A: Tensor  # (E, N), negative
-    D: Tensor  # (E,)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
 
 
-@numba.njit(**SERIAL, inline="always")
-def _reverse_valid(src, n, dst):
-    """dst = src with its first n elements reversed (the rest in place). Unsigned positions: with signed ones numba
-    checks each index for wrap-around and the loop stays scalar (a gate loop took 3.4x as long)."""
-    last = n - np.uintp(1)
-    for t in range(n):
-        dst[t] = src[last - t]
-    for t in range(n, np.uintp(src.shape[0])):
-        dst[t] = src[t]
-
-
 @numba.njit(**PARALLEL)
-def _conv_kernel(x, weight, bias, lengths, u):
-    """u[k] = silu(conv_k(x)), on rev(x) for k = 1; one (channel, batch item) row per iteration.
+def _gate_backward_kernel(dg, z, ysum, scale, dys, dz):
+    """Through g = ysum silu(z) scale: dys = dg scale silu(z) (the gradient of every direction's y at that
+    position), dz = dg scale ysum silu'(z); dg becomes g again (out_proj's weight gradient needs it), in place.
 
-    x: (E, B, L); u: (K, E, B, L), written; weight: (K, E, WP); bias: (K, E); lengths: (B,).
+    All (B*L, E); one token per iteration.
     """
-    ndir, ne, nb, seqlen = u.shape
-    for row in prange(ne * nb):
-        e = row // nb
-        b = row % nb
-        x_r = x[e, b]  # (L,)
-        p = np.empty(seqlen, x.dtype)  # (L,) pre-activation
-        if ndir == 2:
-            x_rev = np.empty(seqlen, x.dtype)  # (L,) the row with its valid part reversed
-            _reverse_valid(x_r, np.uintp(lengths[b]), x_rev)
-            preactivation(x_rev, weight[1, e], bias[1, e], p)
-            u_r = u[1, e, b]
-            for t in range(seqlen):
-                u_r[t] = p[t] * sigmoid(p[t])
-        preactivation(x_r, weight[0, e], bias[0, e], p)
-        u_r = u[0, e, b]
-        for t in range(seqlen):
-            u_r[t] = p[t] * sigmoid(p[t])
-
-
-@numba.njit(**SERIAL, inline="always")
-def _delta_row(x_dbl, k, b, w_e, bias_e, pre, dt):
-    """pre[t] = sum_r w_e[r] x_dbl[k, r, b, t] + bias_e (dt_proj's rank-R product for one channel and the scan's
-    delta_bias) and dt[t] = softplus(pre[t]). x_dbl: (K, P, B, L), of which rows r < R are read; w_e: (R,).
-    Each row is taken as x_dbl[k, r, b], which numba types as contiguous; a row of the view x_dbl[k, :, b] is
-    typed as strided, its loops stay scalar, and the two calls per channel pair took about as long as the scan
-    itself (one core of the 2-core AMD EPYC, B = 16, L = 49)."""
-    seqlen = dt.shape[0]
-    for t in range(seqlen):
-        pre[t] = 0
-    for r in range(w_e.shape[0]):
-        w = w_e[r]
-        src = x_dbl[k, r, b]  # (L,)
-        for t in range(seqlen):
-            pre[t] += w * src[t]
-    for t in range(seqlen):
-        pre[t] += bias_e
-    for t in range(seqlen):
-        dt[t] = softplus_of(pre[t])
-
-
-@numba.njit(**PARALLEL)
-def _scan_kernel(u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, y, ckpt):
-    """y = scan(u, softplus(dt_weight @ x_dbl[:R] + dt_bias), ...) + D u; a pair of channels of one (direction,
-    batch item) per iteration (see scan_cpu.scan_row_pair), every direction in one parallel region.
-
-    u: (K, E, B, L); x_dbl: (K, P, B, L); dt_weight: (K, E, R); dt_bias, d_skip: (K, E); a_blk: (K, E, NB, LANES);
-    b_blk, c_blk: (K, B, NB, L, LANES). Writes y: (K, E, B, L) and the checkpoints ckpt: (K, E, B, NB, S, LANES).
-    """
-    ndir, ne, nb, seqlen = u.shape
-    nblocks = a_blk.shape[2]
-    npairs = (ne + 1) // 2
-    for item in prange(ndir * npairs * nb):
-        k = item // (npairs * nb)
-        e0 = 2 * ((item // nb) % npairs)
-        b = item % nb
-        e1 = min(e0 + 1, ne - 1)  # an odd E ends with its last channel twice, written once
-        pre = np.empty(seqlen, u.dtype)  # (L,) scratch
-        dt0 = np.empty(seqlen, u.dtype)  # (L,) the discretisation step of each channel
-        dt1 = np.empty(seqlen, u.dtype)
-        y0 = np.empty(seqlen, u.dtype)  # (L,) the scan's readouts
-        y1 = np.empty(seqlen, u.dtype)
-        last = np.empty((nblocks, LANES), u.dtype)  # the states after the row: not needed
-        _delta_row(x_dbl, k, b, dt_weight[k, e0], dt_bias[k, e0], pre, dt0)
-        _delta_row(x_dbl, k, b, dt_weight[k, e1], dt_bias[k, e1], pre, dt1)
-        u0, u1 = u[k, e0, b], u[k, e1, b]  # (L,)
-        scan_row_pair(dt0, dt1, u0, u1, a_blk[k, e0], a_blk[k, e1], b_blk[k, b], c_blk[k, b], y0, y1, last, last,
-                      True, ckpt[k, e0, b], ckpt[k, e1, b])  # fmt: skip
-        _skip_row(y[k, e0, b], y0, u0, d_skip[k, e0])
-        if e1 != e0:
-            _skip_row(y[k, e1, b], y1, u1, d_skip[k, e1])
-
-
-@numba.njit(**SERIAL, inline="always")
-def _skip_row(y_r, readout, u_r, skip):
-    """y_r[t] = readout[t] + skip u_r[t] (the D skip)."""
-    for t in range(u_r.shape[0]):
-        y_r[t] = readout[t] + skip * u_r[t]
-
-
-@numba.njit(**PARALLEL)
-def _gate_kernel(y, z, lengths, scale, out):
-    """out = silu(z) * (y_0 [+ rev(y_1)]) * scale; one (channel, batch item) row per iteration.
-
-    y: (K, E, B, L); z, out: (E, B, L); lengths: (B,).
-    """
-    ndir, ne, nb, seqlen = y.shape
-    for row in prange(ne * nb):
-        e = row // nb
-        b = row % nb
-        ysum = np.empty(seqlen, z.dtype)  # (L,) y_0 [+ rev(y_1)]
-        _direction_sum(y, e, b, np.uintp(lengths[b]), ysum)
-        z_r, o_r = z[e, b], out[e, b]  # (L,)
-        for t in range(seqlen):
-            zt = z_r[t]
-            o_r[t] = ysum[t] * (zt * sigmoid(zt)) * scale
-
-
-@numba.njit(**SERIAL, inline="always")
-def _direction_sum(y, e, b, n, ysum):
-    """ysum = y[0, e, b] [+ rev(y[1, e, b])] with n valid steps."""
-    y0 = y[0, e, b]  # (L,)
-    if y.shape[0] == 1:
-        for t in range(ysum.shape[0]):
-            ysum[t] = y0[t]
-    else:
-        _reverse_valid(y[1, e, b], n, ysum)
-        for t in range(ysum.shape[0]):
-            ysum[t] += y0[t]
-
-
-@numba.njit(**PARALLEL)
-def _gate_backward_kernel(dg, z, y, lengths, scale, dz, dy):
-    """Through the gate: dz = dg scale (y_0 [+ rev(y_1)]) silu'(z), dy_0 = dg scale silu(z) [and dy_1, its
-    reversal]; dg becomes the gate's output again (out_proj's weight gradient needs it), in place.
-
-    dg, z, dz: (E, B, L); y, dy: (K, E, B, L); lengths: (B,).
-    """
-    ndir, ne, nb, seqlen = y.shape
     one = z.dtype.type(1)
-    for row in prange(ne * nb):
-        e = row // nb
-        b = row % nb
-        n = np.uintp(lengths[b])
-        ysum = np.empty(seqlen, z.dtype)  # (L,) y_0 [+ rev(y_1)]
-        _direction_sum(y, e, b, n, ysum)
-        dg_r, z_r, dz_r, dy0 = dg[e, b], z[e, b], dz[e, b], dy[0, e, b]  # (L,)
-        for t in range(seqlen):
-            zt = z_r[t]
+    for row in prange(z.shape[0]):
+        dg_r, z_r, y_r, dys_r, dz_r = dg[row], z[row], ysum[row], dys[row], dz[row]  # (E,)
+        for c in range(z_r.shape[0]):
+            zt = z_r[c]
             s = sigmoid(zt)
             silu = zt * s
-            g = dg_r[t] * scale
-            dy0[t] = g * silu
-            dz_r[t] = g * ysum[t] * s * (one + zt * (one - s))
-            dg_r[t] = ysum[t] * silu * scale
-        if ndir == 2:
-            _reverse_valid(dy0, n, dy[1, e, b])
+            gs = dg_r[c] * scale
+            dys_r[c] = gs * silu
+            dz_r[c] = gs * y_r[c] * s * (one + zt * (one - s))
+            dg_r[c] = y_r[c] * silu * scale
 
 
 @numba.njit(**PARALLEL)
-def _scan_backward_kernel(
-    u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, ckpt, dy, row_start, slot_start,
-    du, ddelta, d_a, d_d, d_bias, d_b, d_c,
-):  # fmt: skip
-    """Gradients of :func:`_scan_kernel`, one thread per partition of the K*B*E rows, ordered
-    (direction, batch item, channel) so that neighbouring rows share B and C and go through scan_cpu.backward_chunk
-    in pairs, as scan_cpu's own backward does.
+def _scan_backward_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, dys, ckpt,
+                          du, ddelta, d_a, d_d, d_bias, d_bc):  # fmt: skip
+    """Gradients of the scans of :func:`ssamba.ops.mamba_infer_cpu.scan_gate_kernel`; one (batch item, block of
+    CHANNELS channels) per iteration, both directions in it.
 
-    Inputs as :func:`_scan_kernel`; dy: (K, E, B, L) the gradient of y; row_start (P+1,) and slot_start (P,) as
-    scan_cpu.partitions for K*B "batch items" of E rows. Writes du, ddelta (the gradient of dt_proj's output,
-    before the bias): (K, E, B, L); d_a: (K, E, B, NB, LANES), d_d, d_bias: (K, E, B), float64, to be summed over
-    the batch; d_b, d_c: (Q, NB, L, LANES), summed over each (direction, batch item)'s slots by the caller.
+    Inputs as that kernel, with dys: (B, L, E) the gradient of the direction sum and ckpt: (K, B, S, N, E) its
+    checkpoints. Writes, in each direction's scan order: du and ddelta (the gradient of dt_proj's output): tuples
+    of K (B, L, E); d_bc: (K, NBLK, B, L, 2N), dB then dC summed over each block's channels. Adds into d_a:
+    (K, B, N, E) and d_d, d_bias: (K, B, E), float64 and zeroed by the caller, to be summed over the batch.
     """
-    for part in prange(row_start.shape[0] - 1):
-        _scan_backward_partition(part, u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, ckpt, dy,
-                                 row_start, slot_start, du, ddelta, d_a, d_d, d_bias, d_b, d_c)  # fmt: skip
-
-
-@numba.njit(**SERIAL, inline="always")
-def _scan_backward_partition(
-    part, u, x_dbl, dt_weight, dt_bias, a_blk, b_blk, c_blk, d_skip, ckpt, dy, row_start, slot_start,
-    du, ddelta, d_a, d_d, d_bias, d_b, d_c,
-):  # fmt: skip
-    """The rows of partition ``part`` (see :func:`_scan_backward_kernel`); a row without a partner (the last of an
-    odd E, or at the partition's end) is paired with a ghost as in scan_cpu: its own inputs with a zero output
-    gradient and a zero final state gradient, so every gradient the ghost sends is exactly zero."""
-    ndir, ne, nb, seqlen = u.shape
-    nblocks = a_blk.shape[2]
-    nchunks = (seqlen + CHECKPOINT_EVERY - 1) // CHECKPOINT_EVERY
-    pre = np.empty((2, seqlen), u.dtype)  # per row of the pair: dt_proj's output + bias
-    dt = np.empty((2, seqlen), u.dtype)  # the discretisation step
-    ddt = np.empty((2, seqlen), u.dtype)  # its gradient
-    ghost_du = np.empty(seqlen, u.dtype)
-    zeros = np.zeros(seqlen, u.dtype)
-    zero_state = np.zeros(LANES, u.dtype)
-    work = np.empty((WORK_ROWS, LANES), u.dtype)  # a chunk's working set (scan_cpu.backward_chunk)
-    da_rows = np.empty((2, LANES), np.float64)
-    first_kb = row_start[part] // ne
-    row = row_start[part]
-    while row < row_start[part + 1]:
-        kb = row // ne
-        k = kb // nb
-        b = kb % nb
-        e0 = row % ne
-        e1 = e0 + 1
-        paired = row + 1 < row_start[part + 1] and e1 < ne
-        if not paired:
-            e1 = e0
-        slot = slot_start[part] + kb - first_kb
-        _scan_backward_row_start(x_dbl, k, b, dt_weight[k, e0], dt_bias[k, e0], d_skip[k, e0], u[k, e0, b],
-                                 dy[k, e0, b], pre[0], dt[0], ddt[0], du[k, e0, b], d_d[k, e0])  # fmt: skip
-        if paired:
-            _scan_backward_row_start(x_dbl, k, b, dt_weight[k, e1], dt_bias[k, e1], d_skip[k, e1], u[k, e1, b],
-                                     dy[k, e1, b], pre[1], dt[1], ddt[1], du[k, e1, b], d_d[k, e1])  # fmt: skip
+    nb, ne = dys.shape[0], dys.shape[2]
+    nblocks = (ne + CHANNELS - 1) // CHANNELS
+    for task in prange(nb * nblocks):
+        b = task // nblocks
+        blk = task % nblocks
+        c0 = blk * CHANNELS
+        if ne - c0 >= CHANNELS:  # a constant trip count for full blocks, as in the forward
+            _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], dys, ckpt,
+                                 du, ddelta, d_a, d_d, d_bias, d_bc, b, blk, CHANNELS)  # fmt: skip
         else:
-            dt[1, :] = dt[0]
-        dy1, du1 = (dy[k, e1, b], du[k, e1, b]) if paired else (zeros, ghost_du)
-        for blk in range(nblocks):
-            b_r, c_r = b_blk[k, b, blk], c_blk[k, b, blk]  # (L, LANES)
-            db_r, dc_r = d_b[slot, blk], d_c[slot, blk]  # (L, LANES)
-            da_rows[:] = 0.0
-            for chunk in range(nchunks - 1, -1, -1):
-                t0 = chunk * CHECKPOINT_EVERY
-                steps = min(CHECKPOINT_EVERY, seqlen - t0)
-                backward_chunk(
-                    work, chunk == nchunks - 1, np.uintp(steps), t0, dt[0], dt[1], u[k, e0, b], u[k, e1, b],
-                    dy[k, e0, b], dy1, du[k, e0, b], du1, ddt[0], ddt[1], a_blk[k, e0, blk], a_blk[k, e1, blk],
-                    b_r.reshape(seqlen * LANES), c_r.reshape(seqlen * LANES), ckpt[k, e0, b, blk],
-                    ckpt[k, e1, b, blk], zero_state, zero_state, da_rows, db_r.reshape(seqlen * LANES),
-                    dc_r.reshape(seqlen * LANES),
-                )  # fmt: skip
-            d_a[k, e0, b, blk] = da_rows[0]
-            if paired:
-                d_a[k, e1, b, blk] = da_rows[1]
-        d_bias[k, e0, b] = _softplus_backward(pre[0], ddt[0], ddelta[k, e0, b])
-        if paired:
-            d_bias[k, e1, b] = _softplus_backward(pre[1], ddt[1], ddelta[k, e1, b])
-        row += 2 if paired else 1
+            _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], dys, ckpt,
+                                 du, ddelta, d_a, d_d, d_bias, d_bc, b, blk, ne - c0)  # fmt: skip
 
 
 @numba.njit(**SERIAL, inline="always")
-def _scan_backward_row_start(x_dbl, k, b, w_e, bias_e, skip, u_r, dy_r, pre, dt, ddt, du_r, d_d_e):
-    """One row before the scan's backward: its pre-activation and dt again (as the forward computed them), the D
-    skip's share of du and dD (into d_d_e[b]); ddt zeroed."""
-    _delta_row(x_dbl, k, b, w_e, bias_e, pre, dt)
-    dd_sum = 0.0
-    for t in range(dt.shape[0]):
-        dd_sum += dy_r[t] * u_r[t]
-        du_r[t] = dy_r[t] * skip
-        ddt[t] = 0
-    d_d_e[b] = dd_sum
+def _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, dys, ckpt,
+                         du, ddelta, d_a, d_d, d_bias, d_bc, b, blk, width):  # fmt: skip
+    """:func:`_scan_backward_kernel` for batch item b's channel block blk (width channels, n steps valid).
 
-
-@numba.njit(**SERIAL, inline="always")
-def _softplus_backward(pre, ddt, ddelta_r):
-    """ddelta = ddt softplus'(pre) (identity above the threshold, as torch's softplus); returns its sum over time
-    (float64), the row's share of d delta_bias."""
-    one = pre.dtype.type(1)
-    bias_sum = 0.0
-    for t in range(ddt.shape[0]):
-        x = pre[t]
-        g = ddt[t] * (sigmoid(x) if x <= SOFTPLUS_THRESHOLD else one)
-        ddelta_r[t] = g
-        bias_sum += g
-    return bias_sum
+    Per step, with dh the gradient of the states after it (zero after the last step):
+        dh_s += dy C_s;  dC_s = sum_c h_s dy;  dB_s = sum_c dh_s dt u;  d(dt u) = sum_s dh_s B_s
+        e_s = dh_s h_s' exp(dt A_s) (h_s' the states before the step);  dA_s += e_s dt;  ddt = sum_s e_s A_s
+        dh_s = dh_s exp(dt A_s)   (the gradient of the states before the step)
+    then du = d(dt u) dt + D dy, ddt += d(dt u) u, and through softplus into ddelta.
+    """
+    ndir = len(u)
+    seqlen = dys.shape[1]
+    rank, nstate = dt_weight.shape[1], a.shape[1]
+    nchunks = ckpt.shape[2]
+    c0 = blk * CHANNELS
+    dtype = dys.dtype
+    one = dtype.type(1)
+    threshold = dtype.type(SOFTPLUS_THRESHOLD)
+    # A chunk's steps recomputed: hist[j + 1] holds step j's states (rows [0, N)), exp(dt A) ([N, 2N)), pre, dt and
+    # dt u (2N, 2N + 1, 2N + 2); hist[0]'s states are the checkpoint's.
+    dt_row, dtu_row, pre_row = 2 * nstate + 1, 2 * nstate + 2, 2 * nstate
+    hist = np.empty((CHECKPOINT_STEPS + 1, 2 * nstate + 3, width), dtype)
+    # One array for every row a step writes, so that LLVM can tell the rows apart from their constant offsets and
+    # vectorise the state loop without runtime overlap checks: dh, the per-state terms of dB, dC, d(dt u) and ddt
+    # (summed after the states' loop, as the forward's readout), a chunk's dA, then d(dt u), ddt, dD, d bias.
+    dh, pb, pc, qtu, qdt, da_acc = 0, nstate, 2 * nstate, 3 * nstate, 4 * nstate, 5 * nstate
+    ddtu_row, ddt_row, dd_row, dbias_row = 6 * nstate, 6 * nstate + 1, 6 * nstate + 2, 6 * nstate + 3
+    work = np.empty((6 * nstate + 4, width), dtype)
+    a_g = np.empty((nstate, width), dtype)
+    w_g = np.empty((rank, width), dtype)
+    for k in range(ndir):
+        for s in range(nstate):
+            for c in range(width):
+                a_g[s, c] = a[k, s, c0 + c]
+        for r in range(rank):
+            for c in range(width):
+                w_g[r, c] = dt_weight[k, r, c0 + c]
+        bias_g, skip_g = dt_bias[k, c0 : c0 + width], d_skip[k, c0 : c0 + width]
+        u_k, x_k, du_k, dl_k = u[k], x_dbl[k], du[k], ddelta[k]
+        d_a_k, d_d_k, d_bias_k = d_a[k, b], d_d[k, b], d_bias[k, b]  # (N, E), (E,), (E,)
+        for s in range(nstate):
+            for c in range(width):
+                work[dh + s, c] = 0
+        for chunk in range(nchunks - 1, -1, -1):
+            i0 = chunk * CHECKPOINT_STEPS
+            steps = min(CHECKPOINT_STEPS, seqlen - i0)
+            ck = ckpt[k, b, chunk]  # (N, E)
+            for s in range(nstate):
+                for c in range(width):
+                    hist[0, s, c] = ck[s, c0 + c]
+            for j in range(steps):  # the chunk's forward again, as scan_gate_kernel computes it
+                i = i0 + j
+                hp, hn = hist[j], hist[j + 1]
+                discretise(x_k[b, i], w_g, bias_g, u_k[b, i, c0 : c0 + width], hn[pre_row], hn[dt_row], hn[dtu_row])
+                dt_r, dtu_r = hn[dt_row], hn[dtu_row]
+                for s in range(nstate):
+                    bs = x_k[b, i, rank + s]
+                    hp_s, h_s, e_s, a_s = hp[s], hn[s], hn[nstate + s], a_g[s]
+                    for c in range(width):
+                        decay = exp(dt_r[c] * a_s[c])
+                        e_s[c] = decay
+                        h_s[c] = decay * hp_s[c] + dtu_r[c] * bs
+            for row in range(da_acc, da_acc + nstate):
+                for c in range(width):
+                    work[row, c] = 0
+            for row in (dd_row, dbias_row):
+                for c in range(width):
+                    work[row, c] = 0
+            for j in range(steps - 1, -1, -1):
+                i = i0 + j
+                t = n - 1 - i if k == 1 and i < n else i  # the original position of step i
+                dy, u_t, xd = dys[b, t, c0 : c0 + width], u_k[b, i, c0 : c0 + width], x_k[b, i]
+                hp, hn = hist[j], hist[j + 1]
+                dt_r, dtu_r, pre_r = hn[dt_row], hn[dtu_row], hn[pre_row]
+                for s in range(nstate):
+                    bs, cs = xd[rank + s], xd[rank + nstate + s]
+                    hp_s, h_s, e_s, a_s = hp[s], hn[s], hn[nstate + s], a_g[s]
+                    for c in range(width):
+                        g = work[dh + s, c] + dy[c] * cs
+                        work[pc + s, c] = h_s[c] * dy[c]
+                        work[pb + s, c] = g * dtu_r[c]
+                        work[qtu + s, c] = g * bs
+                        ge = g * hp_s[c] * e_s[c]
+                        work[qdt + s, c] = ge * a_s[c]
+                        work[da_acc + s, c] += ge * dt_r[c]
+                        work[dh + s, c] = g * e_s[c]
+                for c in range(width):
+                    work[ddtu_row, c] = work[qtu, c]
+                    work[ddt_row, c] = work[qdt, c]
+                for s in range(1, nstate):
+                    for c in range(width):
+                        work[ddtu_row, c] += work[qtu + s, c]
+                        work[ddt_row, c] += work[qdt + s, c]
+                dbc = d_bc[k, blk, b, i]  # (2N,)
+                for s in range(nstate):
+                    sb = work.dtype.type(0)
+                    sc = work.dtype.type(0)
+                    for c in range(width):
+                        sb += work[pb + s, c]
+                        sc += work[pc + s, c]
+                    dbc[s] = sb
+                    dbc[nstate + s] = sc
+                du_t, dl_t = du_k[b, i, c0 : c0 + width], dl_k[b, i, c0 : c0 + width]
+                for c in range(width):
+                    ddtu = work[ddtu_row, c]
+                    du_t[c] = ddtu * dt_r[c] + skip_g[c] * dy[c]
+                    p = pre_r[c]
+                    above = dtype.type(p > threshold)  # softplus is the identity above its threshold, as torch's
+                    dp = (work[ddt_row, c] + ddtu * u_t[c]) * (above + (one - above) * sigmoid(p))
+                    dl_t[c] = dp
+                    work[dd_row, c] += dy[c] * u_t[c]
+                    work[dbias_row, c] += dp
+            # the chunk's sums over time, float32 within a chunk and float64 across (as conv_cpu's SUM_CHUNK)
+            for s in range(nstate):
+                for c in range(width):
+                    d_a_k[s, c0 + c] += work[da_acc + s, c]
+            for c in range(width):
+                d_d_k[c0 + c] += work[dd_row, c]
+                d_bias_k[c0 + c] += work[dbias_row, c]
 
 
 @numba.njit(**PARALLEL)
-def _conv_backward_kernel(x, weight, bias, lengths, du, dweight, dbias):
-    """Gradients of :func:`_conv_kernel`: dx = conv_0'(du_0) [+ rev(conv_1'(du_1))], written over du[0] (each row of
-    du_0 is read into conv_cpu.backward_row's scratch before its dx is written); one row per iteration.
+def _conv_grad_kernel(x, weight, bias, lengths, gp, dweight, dbias):
+    """Through u_k = silu(p_k): gp[k] = du_k silu'(p_k) in place (p recomputed from x), with the conv's weight and
+    bias gradients; one (direction, batch item, block of CONV_TOKENS steps) per iteration.
 
-    x: (E, B, L); du: (K, E, B, L); weight: (K, E, WP); bias: (K, E); lengths: (B,). Writes dx into du[0], and
-    dweight: (K, E, B, WP), dbias: (K, E, B), float64, to be summed over the batch by the caller.
+    x: (B, L, E); weight: (K, WP, E); bias: (K, E); gp: a tuple of K (B, L, E), du on entry. Writes the task's
+    partial sums dweight: (K, B * chunks, WP, E) and dbias: (K, B * chunks, E), float64, summed by the caller.
     """
-    ndir, ne, nb, seqlen = du.shape
-    wp = weight.shape[2]
-    for row in prange(ne * nb):
-        e = row // nb
-        b = row % nb
-        n = np.uintp(lengths[b])
-        x_r, dx_r = x[e, b], du[0, e, b]  # (L,)
-        gp = np.empty(seqlen + wp - 1, x.dtype)  # scratch of conv_cpu.backward_row
-        if ndir == 2:
-            x_rev = np.empty(seqlen, x.dtype)
-            dx_rev = np.empty(seqlen, x.dtype)
-            _reverse_valid(x_r, n, x_rev)
-            dbias[1, e, b] = conv_backward_row(x_rev, weight[1, e], bias[1, e], True, du[1, e, b], dx_rev, gp,
-                                               dweight[1, e, b])  # fmt: skip
-        dbias[0, e, b] = conv_backward_row(x_r, weight[0, e], bias[0, e], True, dx_r, dx_r, gp, dweight[0, e, b])
-        if ndir == 2:
-            last = n - np.uintp(1)
-            for t in range(n):
-                dx_r[t] += dx_rev[last - t]
-            for t in range(n, np.uintp(seqlen)):
-                dx_r[t] += dx_rev[t]
+    ndir = len(gp)
+    nb, seqlen, ne = x.shape
+    wp = weight.shape[1]
+    nchunks = (seqlen + CONV_TOKENS - 1) // CONV_TOKENS
+    one = x.dtype.type(1)
+    for task in prange(ndir * nb * nchunks):
+        k = task // (nb * nchunks)
+        slot = task % (nb * nchunks)
+        b = slot // nchunks
+        i0 = (slot % nchunks) * CONV_TOKENS
+        n = lengths[b]
+        acc = np.empty(ne, x.dtype)  # (E,) one step's pre-activation
+        dw = np.zeros((wp, ne), x.dtype)  # float32 within the task's CONV_TOKENS steps, float64 across tasks
+        db = np.zeros(ne, x.dtype)
+        for i in range(i0, min(i0 + CONV_TOKENS, seqlen)):
+            conv_preactivation(x, weight, bias[k], k, b, i, n, acc)
+            g_i = gp[k][b, i]  # (E,)
+            for c in range(ne):
+                p = acc[c]
+                s = sigmoid(p)
+                g = g_i[c] * s * (one + p * (one - s))  # silu'(p), as torch's silu_backward
+                g_i[c] = g
+                db[c] += g
+            for j in range(wp):
+                src = i - (wp - 1) + j
+                if src < 0:
+                    continue
+                x_t = x[b, n - 1 - src if k == 1 and src < n else src]  # (E,)
+                dw_j = dw[j]
+                for c in range(ne):
+                    dw_j[c] += g_i[c] * x_t[c]
+        dweight[k, slot] = dw
+        dbias[k, slot] = db
+
+
+@numba.njit(**PARALLEL)
+def _conv_input_grad_kernel(gp, weight, lengths, dx):
+    """dx[b, t] = sum_k sum_j weight[k, j] gp[k][b, s_k(t) + (WP-1) - j] over the steps < L, s_k(t) being position
+    t's step in direction k's order (rev is its own inverse): every step whose conv window reads x[b, t]. One
+    (batch item, block of CONV_TOKENS positions) per iteration, so each thread writes its own positions.
+
+    gp: a tuple of K (B, L, E) from :func:`_conv_grad_kernel`; weight: (K, WP, E); dx: (B, L, E), written.
+    """
+    ndir = len(gp)
+    nb, seqlen, ne = dx.shape
+    wp = weight.shape[1]
+    nchunks = (seqlen + CONV_TOKENS - 1) // CONV_TOKENS
+    for task in prange(nb * nchunks):
+        b = task // nchunks
+        t0 = (task % nchunks) * CONV_TOKENS
+        n = lengths[b]
+        for t in range(t0, min(t0 + CONV_TOKENS, seqlen)):
+            dx_t = dx[b, t]  # (E,)
+            for c in range(ne):
+                dx_t[c] = 0
+            for k in range(ndir):
+                step = n - 1 - t if k == 1 and t < n else t
+                for j in range(wp):
+                    i = step + (wp - 1) - j
+                    if i >= seqlen:
+                        continue
+                    w_j, g_i = weight[k, j], gp[k][b, i]  # (E,)
+                    for c in range(ne):
+                        dx_t[c] += w_j[c] * g_i[c]
 
 
 # ------------------------------------------------------------------------------------------- torch glue
@@ -386,36 +328,6 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-class _Weights(NamedTuple):
-    """The K directions' parameters stacked, in the kernels' dtype and layouts (for the kernels only: no graph)."""
-
-    conv_w: Tensor  # (K, E, WP) left-padded taps
-    conv_b: Tensor  # (K, E), zeros without a bias
-    x_proj_w: tuple[Tensor, ...]  # K x (P, E), not stacked: only the GEMMs read them
-    dt_w: Tensor  # (K, E, R)
-    dt_b: Tensor  # (K, E)
-    a_blk: Tensor  # (K, E, NB, LANES)
-    d_skip: Tensor  # (K, E)
-
-
-def _kernel_weights(dirs: tuple[DirectionWeights, ...], dtype: torch.dtype) -> _Weights:
-    nblocks = -(-dirs[0].A.shape[1] // LANES)
-
-    def stacked(ts: list[Tensor]) -> Tensor:
-        return torch.stack([t.detach().to(dtype) for t in ts]).contiguous()
-
-    ne = dirs[0].D.shape[0]
-    return _Weights(
-        conv_w=torch.stack([padded_taps(d.conv_weight, dtype) for d in dirs]),
-        conv_b=stacked([d.conv_bias if d.conv_bias is not None else torch.zeros(ne) for d in dirs]),
-        x_proj_w=tuple(d.x_proj_weight.detach().to(dtype) for d in dirs),
-        dt_w=stacked([d.dt_proj_weight for d in dirs]),
-        dt_b=stacked([d.dt_proj_bias for d in dirs]),
-        a_blk=torch.stack([a_blocks(d.A, dtype, nblocks) for d in dirs]),
-        d_skip=stacked([d.D for d in dirs]),
-    )
-
-
 def _lengths(lengths: Tensor | None, nb: int, seqlen: int, ndir: int) -> np.ndarray:
     """(B,) valid lengths for the kernels, checked here: the kernels index with them unchecked."""
     if lengths is None or ndir == 1:  # one direction is causal: right padding never reaches a valid position
@@ -424,49 +336,6 @@ def _lengths(lengths: Tensor | None, nb: int, seqlen: int, ndir: int) -> np.ndar
     if out.shape != (nb,) or out.min() < 0 or out.max() > seqlen:
         raise ValueError(f"lengths must be ({nb},) valid lengths in [0, {seqlen}], got {lengths.tolist()}")
     return out
-
-
-def _state_blocks(x_dbl: Tensor, lo: int, nstate: int, nblocks: int) -> Tensor:
-    """x_dbl[:, lo:lo + N] (K, N, B, L) -> (K, B, NB, L, LANES), zero-padded: each step's state lanes adjacent."""
-    ndir, _, nb, seqlen = x_dbl.shape
-    padded = x_dbl.new_zeros(ndir, nb, nblocks * LANES, seqlen)
-    padded[:, :, :nstate] = x_dbl[:, lo : lo + nstate].transpose(1, 2)
-    return padded.view(ndir, nb, nblocks, LANES, seqlen).transpose(-1, -2).contiguous()
-
-
-def _inner_forward(x: Tensor, z: Tensor, w: _Weights, lengths_np: np.ndarray, scale: float,
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """x, z (E, B, L), in_proj's halves -> the gate's output (E, B, L), with what the backward keeps: u, y
-    (K, E, B, L), x_dbl (K, P, B, L) and the scan's checkpoints (K, E, B, NB, S, LANES)."""
-    ne, nb, seqlen = x.shape
-    ndir = w.conv_w.shape[0]
-    nproj, rank = w.x_proj_w[0].shape[0], w.dt_w.shape[2]
-    nblocks = w.a_blk.shape[2]
-    nstate = (nproj - rank) // 2
-    u = x.new_empty(ndir, ne, nb, seqlen)
-    with torch.profiler.record_function("ssamba::causal_conv1d"):
-        _conv_kernel(_np(x), _np(w.conv_w), _np(w.conv_b), lengths_np, _np(u))
-    x_dbl = torch.stack([mm(w.x_proj_w[k], u[k].view(ne, nb * seqlen)) for k in range(ndir)])
-    x_dbl = x_dbl.view(ndir, nproj, nb, seqlen)
-    with torch.profiler.record_function("ssamba::selective_scan"):
-        b_blk = _state_blocks(x_dbl, rank, nstate, nblocks)
-        c_blk = _state_blocks(x_dbl, rank + nstate, nstate, nblocks)
-        y = torch.empty_like(u)
-        ckpt = x.new_empty(ndir, ne, nb, nblocks, -(-seqlen // CHECKPOINT_EVERY), LANES)
-        _scan_kernel(_np(u), _np(x_dbl), _np(w.dt_w), _np(w.dt_b), _np(w.a_blk), _np(b_blk), _np(c_blk),
-                     _np(w.d_skip), _np(y), _np(ckpt))  # fmt: skip
-    with torch.profiler.record_function("ssamba::gate"):
-        out = torch.empty_like(x)
-        _gate_kernel(_np(y), _np(z), lengths_np, _np(x).dtype.type(scale), _np(out))
-    return out, u, x_dbl, y, ckpt
-
-
-def _unblocked_into(dst: Tensor, slots: Tensor, slot_kb: Tensor, ndir: int, nb: int) -> None:
-    """dB or dC slot partials (Q, NB, L, LANES) -> summed per (direction, batch item) into dst (K, N, B, L)."""
-    full = slots.new_zeros(ndir * nb, *slots.shape[1:]).index_add_(0, slot_kb, slots)  # (K*B, NB, L, LANES)
-    nstate, seqlen = dst.shape[1], dst.shape[3]
-    grad = full.view(ndir, nb, -1, seqlen, LANES).permute(0, 1, 2, 4, 3).reshape(ndir, nb, -1, seqlen)
-    dst.copy_(grad[:, :, :nstate].transpose(1, 2))
 
 
 class _MambaInnerFn(torch.autograd.Function):
@@ -478,22 +347,34 @@ class _MambaInnerFn(torch.autograd.Function):
         nb, seqlen, m = h.shape
         ndir, ne = D.shape
         dtype = h.dtype
-        w = _kernel_weights(tuple(DirectionWeights(conv_w[k], None if conv_b is None else conv_b[k], x_proj_w[k],
-                                                   dt_w[k], dt_b[k], A[k], D[k]) for k in range(ndir)), dtype)
+        w = kernel_weights(tuple(DirectionWeights(conv_w[k], None if conv_b is None else conv_b[k], x_proj_w[k],
+                                                  dt_w[k], dt_b[k], A[k], D[k]) for k in range(ndir)), dtype)
         lengths_np = _lengths(lengths, nb, seqlen, ndir)
-        h2 = h.reshape(nb * seqlen, m)
-        xz = mm(in_w.to(dtype), h2.t())  # (2E, B*L): x and z channel-major, as the kernels read them
+        tokens = nb * seqlen
+        h2 = h.reshape(tokens, m)
+        in_w_c = in_w.to(dtype)
+        x, z = mm(h2, in_w_c[:ne].t()), mm(h2, in_w_c[ne:].t())  # (B*L, E) each
         if in_b is not None:
-            xz += in_b[:, None]
-        xz = xz.view(2 * ne, nb, seqlen)
-        g, u, x_dbl, y, ckpt = _inner_forward(xz[:ne], xz[ne:], w, lengths_np, scale)
-        out = mm(g.view(ne, nb * seqlen).t(), out_w.to(dtype).t())  # (B*L, M)
+            x += in_b[:ne]
+            z += in_b[ne:]
+        x, z = x.view(nb, seqlen, ne), z.view(nb, seqlen, ne)
+        u = tuple(torch.empty_like(x) for _ in range(ndir))
+        with torch.profiler.record_function("ssamba::causal_conv1d"):
+            conv_kernel(_np(x), w.conv_w, w.conv_b, lengths_np, tuple(_np(t) for t in u))
+        x_dbl = tuple(mm(u[k].view(tokens, ne), w.x_proj_w[k].t()).view(nb, seqlen, -1) for k in range(ndir))
+        with torch.profiler.record_function("ssamba::selective_scan"):
+            ysum, g = torch.empty_like(x), torch.empty_like(x)
+            ckpt = x.new_empty(ndir, nb, -(-seqlen // CHECKPOINT_STEPS), w.a.shape[1], ne)
+            scan_gate_kernel(tuple(_np(t) for t in u), tuple(_np(t) for t in x_dbl), w.dt_w, w.dt_b, w.a, w.d_skip,
+                             lengths_np, _np(x).dtype.type(scale), _np(z), _np(ysum), _np(g), _np(ckpt))  # fmt: skip
+        out = mm(g.view(tokens, ne), out_w.to(dtype).t())  # (B*L, M)
+        del g
         if out_b is not None:
             out += out_b
-        ctx.save_for_backward(h, in_w, out_w, xz, u, x_dbl, y, ckpt)
+        ctx.save_for_backward(h, in_w, dt_w, out_w, x, z, ysum, ckpt, *u, *x_dbl)
         ctx.w, ctx.lengths_np, ctx.scale = w, lengths_np, scale
         ctx.has_bias = (in_b is not None, conv_b is not None, out_b is not None)
-        ctx.nstate, ctx.conv_width = A.shape[2], conv_w.shape[2]
+        ctx.conv_width = conv_w.shape[2]
         ctx.dtypes = [None if t is None else t.dtype for t in (h, in_w, in_b, conv_w, conv_b, x_proj_w, dt_w, dt_b, A,
                                                                D, out_w, out_b)]  # fmt: skip
         return out.view(nb, seqlen, m)
@@ -501,78 +382,74 @@ class _MambaInnerFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        h, in_w, out_w, xz, u, x_dbl, y, ckpt = ctx.saved_tensors
-        w: _Weights = ctx.w
-        ndir, ne, nb, seqlen = u.shape
-        nproj, rank = w.x_proj_w[0].shape[0], w.dt_w.shape[2]
-        nstate = (nproj - rank) // 2
+        h, in_w, dt_w, out_w, x, z, ysum, ckpt, *acts = ctx.saved_tensors
+        w = ctx.w
+        nb, seqlen, ne = x.shape
+        ndir = len(acts) // 2
+        u, x_dbl = acts[:ndir], acts[ndir:]
+        dtype = x.dtype
         tokens = nb * seqlen
+        nstate = w.a.shape[1]
+        rank = w.dt_w.shape[1]
         # Gradient buffers double up where a tensor is read for the last time before the one replacing it is
-        # written (fewer fresh pages, which the allocator may fault in anew every step): dg -> the gate's output g,
-        # dy -> ddelta, du[0] -> dx. Saved tensors stay untouched, so the backward can run again (retain_graph).
-        d2 = dout.reshape(tokens, -1).to(u.dtype)  # (B*L, M)
-        dg = mm(out_w.to(u.dtype).t(), d2.t()).view(ne, nb, seqlen)  # (E, B, L)
-        dz, dy = torch.empty_like(dg), torch.empty_like(y)
+        # written: dg -> the gate's output g -> ddelta_0, dys -> dx, du -> the conv's pre-activation gradient.
+        # Saved tensors stay untouched, so the backward can run again (retain_graph).
+        d2 = dout.reshape(tokens, -1).to(dtype)  # (B*L, M)
+        dg = mm(d2, out_w.to(dtype))  # (B*L, E)
+        dys, dz = torch.empty_like(dg), torch.empty_like(dg)
         with torch.profiler.record_function("ssamba::gate"):
-            _gate_backward_kernel(_np(dg), _np(xz[ne:]), _np(y), ctx.lengths_np, _np(y).dtype.type(ctx.scale),
-                                  _np(dz), _np(dy))  # fmt: skip
-        d_out_w = mm(d2.t(), dg.view(ne, tokens).t())  # (M, E): dg holds g now
-        del dg
+            _gate_backward_kernel(_np(dg), _np(z.view(tokens, ne)), _np(ysum.view(tokens, ne)),
+                                  _np(dg).dtype.type(ctx.scale), _np(dys), _np(dz))  # fmt: skip
+        d_out_w = mm(d2.t(), dg)  # (M, E): dg holds g now
 
         with torch.profiler.record_function("ssamba::selective_scan"):
-            nblocks = w.a_blk.shape[2]
-            b_blk = _state_blocks(x_dbl, rank, nstate, nblocks)
-            c_blk = _state_blocks(x_dbl, rank + nstate, nstate, nblocks)
-            row_start, slot_start, slot_kb = partitions(ndir * nb, ne)
-            nslots = slot_kb.shape[0]
-            du = torch.empty_like(u)
-            ddelta = dy  # each row of dy is read for the last time before its ddelta is written
-            d_a = torch.empty(ndir, ne, nb, nblocks, LANES, dtype=torch.float64)
-            d_d = torch.empty(ndir, ne, nb, dtype=torch.float64)
-            d_bias = torch.empty(ndir, ne, nb, dtype=torch.float64)
-            d_b = torch.zeros(nslots, nblocks, seqlen, LANES, dtype=u.dtype)
-            d_c = torch.zeros(nslots, nblocks, seqlen, LANES, dtype=u.dtype)
+            du = tuple(torch.empty_like(x) for _ in range(ndir))
+            ddelta = (dg.view(nb, seqlen, ne), *(torch.empty_like(x) for _ in range(ndir - 1)))
+            d_a = torch.zeros(ndir, nb, nstate, ne, dtype=torch.float64)
+            d_d = torch.zeros(ndir, nb, ne, dtype=torch.float64)
+            d_bias = torch.zeros(ndir, nb, ne, dtype=torch.float64)
+            d_bc = x.new_empty(ndir, -(-ne // CHANNELS), nb, seqlen, 2 * nstate)
             _scan_backward_kernel(
-                _np(u), _np(x_dbl), _np(w.dt_w), _np(w.dt_b), _np(w.a_blk), _np(b_blk), _np(c_blk), _np(w.d_skip),
-                _np(ckpt), _np(dy), row_start, slot_start, _np(du), _np(ddelta), _np(d_a), _np(d_d), _np(d_bias),
-                _np(d_b), _np(d_c),
+                tuple(_np(t) for t in u), tuple(_np(t) for t in x_dbl), w.dt_w, w.dt_b, w.a, w.d_skip,
+                ctx.lengths_np, _np(dys).reshape(nb, seqlen, ne), _np(ckpt), tuple(_np(t) for t in du),
+                tuple(_np(t) for t in ddelta), _np(d_a), _np(d_d), _np(d_bias), _np(d_bc),
             )  # fmt: skip
-        dx_dbl = torch.empty_like(x_dbl)  # (K, P, B, L)
-        _unblocked_into(dx_dbl[:, rank : rank + nstate], d_b, slot_kb, ndir, nb)
-        _unblocked_into(dx_dbl[:, rank + nstate :], d_c, slot_kb, ndir, nb)
-        d_dt_w = torch.empty_like(w.dt_w)
-        d_x_proj_w = u.new_empty(ndir, nproj, ne)
+        d_x_proj_w, d_dt_w = [], []
         for k in range(ndir):
-            ddelta_k = ddelta[k].view(ne, tokens)
-            dx_dbl[k, :rank].view(rank, tokens).copy_(mm(w.dt_w[k].t(), ddelta_k))
-            d_dt_w[k] = mm(ddelta_k, x_dbl[k, :rank].view(rank, tokens).t())
-            dx_dbl_k = dx_dbl[k].view(nproj, tokens)
-            d_x_proj_w[k] = mm(dx_dbl_k, u[k].view(ne, tokens).t())
-            du[k].view(ne, tokens).add_(mm(w.x_proj_w[k].t(), dx_dbl_k))
+            ddelta_k, x_dbl_k = ddelta[k].view(tokens, ne), x_dbl[k].view(tokens, -1)
+            dx_dbl = torch.cat([mm(ddelta_k, dt_w[k].to(dtype)), d_bc[k].sum(0).view(tokens, 2 * nstate)], 1)
+            d_dt_w.append(mm(x_dbl_k[:, :rank].t(), ddelta_k).t())  # (E, R): see the weight gradients below
+            d_x_proj_w.append(mm(dx_dbl.t(), u[k].view(tokens, ne)))  # (P, E)
+            du[k].view(tokens, ne).add_(mm(dx_dbl, w.x_proj_w[k]))
+        del ddelta, d_bc
 
-        d_conv_w = torch.empty(ndir, ne, nb, w.conv_w.shape[2], dtype=torch.float64)
-        d_conv_b = torch.empty(ndir, ne, nb, dtype=torch.float64)
+        nchunks = -(-seqlen // CONV_TOKENS)
+        wp = w.conv_w.shape[1]
+        d_conv_w = torch.empty(ndir, nb * nchunks, wp, ne, dtype=torch.float64)
+        d_conv_b = torch.empty(ndir, nb * nchunks, ne, dtype=torch.float64)
+        dx = dys.view(nb, seqlen, ne)  # dys is read for the last time by the scan's backward
         with torch.profiler.record_function("ssamba::causal_conv1d"):
-            _conv_backward_kernel(_np(xz[:ne]), _np(w.conv_w), _np(w.conv_b), ctx.lengths_np, _np(du),
-                                  _np(d_conv_w), _np(d_conv_b))  # fmt: skip
-        dx = du[0].view(ne, tokens)
-        dz = dz.view(ne, tokens)
-        h2 = h.reshape(tokens, -1).to(u.dtype)
-        in_w = in_w.to(u.dtype)
-        dh = mm(dx.t(), in_w[:ne]).add_(mm(dz.t(), in_w[ne:])).view(h.shape)  # (B, L, M)
-        d_in_w = torch.cat([mm(dx, h2), mm(dz, h2)])  # (2E, M)
-        wp, width, nstate_a = w.conv_w.shape[2], ctx.conv_width, ctx.nstate
+            gp = tuple(_np(t) for t in du)
+            _conv_grad_kernel(_np(x), w.conv_w, w.conv_b, ctx.lengths_np, gp, _np(d_conv_w), _np(d_conv_b))
+            _conv_input_grad_kernel(gp, w.conv_w, ctx.lengths_np, _np(dx))
+        dx = dx.view(tokens, ne)
+        in_w = in_w.to(dtype)
+        dh = mm(dx, in_w[:ne]).add_(mm(dz, in_w[ne:])).view(h.shape)  # (B, L, M)
+        # Weight gradients G^T X as (X^T G)^T: oneDNN copies a transposed left operand and reads a transposed right
+        # one in place, so the transposed operand on the left is the narrow one (a (384, 784) copy took 0.5 ms).
+        h2t = h.reshape(tokens, -1).to(dtype).t().contiguous()  # (M, B*L)
+        d_in_w = torch.cat([mm(h2t, dx).t(), mm(h2t, dz).t()])  # (2E, M)
         grads = (
             dh,
             d_in_w,
-            torch.cat([dx.sum(1), dz.sum(1)]) if ctx.has_bias[0] else None,
-            d_conv_w.sum(2)[:, :, wp - width :],
-            d_conv_b.sum(2) if ctx.has_bias[1] else None,
-            d_x_proj_w,
-            d_dt_w,
-            d_bias.sum(2),
-            d_a.sum(2).view(ndir, ne, nblocks * LANES)[:, :, :nstate_a],
-            d_d.sum(2),
+            torch.cat([dx.sum(0), dz.sum(0)]) if ctx.has_bias[0] else None,
+            d_conv_w.sum(1).transpose(1, 2)[:, :, wp - ctx.conv_width :],
+            d_conv_b.sum(1) if ctx.has_bias[1] else None,
+            torch.stack(d_x_proj_w),
+            torch.stack(d_dt_w),
+            d_bias.sum(1),
+            d_a.sum(1).transpose(1, 2),
+            d_d.sum(1),
             d_out_w,
             d2.sum(0) if ctx.has_bias[2] else None,
         )
@@ -589,8 +466,8 @@ def mamba_inner_cpu(
     weights (the second scans the valid part of each item reversed); lengths (B,) valid lengths or None; scale:
     the factor of the direction sum (1/2 for Vim's ``if_devide_out``, else 1). Differentiable in h and every
     weight when autograd is recording; otherwise :func:`ssamba.ops.mamba_infer_cpu.mamba_infer_cpu` runs it, in
-    three (B, L, E)-sized buffers. Under ``torch.autocast`` (inference only) in_proj and out_proj run in autocast's
-    dtype.
+    three (B, L, E)-sized buffers. Under ``torch.autocast`` (inference only) in_proj and out_proj run in
+    autocast's dtype.
     """
     nb, seqlen, m = h.shape
     ndir, ne = len(dirs), dirs[0].D.shape[0]
