@@ -22,9 +22,10 @@ Faithful or fast, chosen at construction (``fast_path``, as ``mamba_ssm``'s ``us
                      which ``ssamba conformance`` replays;
     fast_path=True   (default) on CPU (float32/float64, the scan and conv backends ``cpu``): the whole mixer,
                      in_proj to out_proj, is one fused operation with a hand-written backward,
-                     ``ssamba.ops.mamba_inner_cpu`` (every projection one GEMM over all B*L tokens, both
-                     directions' conv, scan and gate in three parallel numba passes each way; without autograd
-                     ``ssamba.ops.mamba_infer_cpu``'s token-major conv and scan-with-gate). Elsewhere (CUDA,
+                     ``ssamba.ops.mamba_inner_cpu`` (token-major throughout, every projection one GEMM over all
+                     B*L tokens, both directions' conv in one parallel numba pass and their scans with the gate in
+                     another; the backward in four; without autograd ``ssamba.ops.mamba_infer_cpu`` runs the same
+                     forward kernels without keeping anything). Elsewhere (CUDA,
                      bf16 weights, autocast training, ``use_backend("triton")``...) the unfused ops: the projections
                      multiply from the left so that x, z, delta, B and C come out channel-major, the layout the
                      scan reads, and the causal conv + SiLU and the scan run on the chosen backends

@@ -41,7 +41,7 @@ from torch import Tensor
 from ssamba.ops.cpu_math import PARALLEL, SERIAL, sigmoid
 from ssamba.ops.selective_scan import register_conv_backend
 
-__all__ = ["backward_row", "causal_conv1d_cpu", "is_available", "padded_taps", "preactivation"]
+__all__ = ["causal_conv1d_cpu", "is_available", "padded_taps"]
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -61,7 +61,7 @@ SUM_CHUNK = 64
 
 
 @numba.njit(**SERIAL, inline="always")
-def preactivation(x_r, w_r, bias_e, p_r):
+def _preactivation(x_r, w_r, bias_e, p_r):
     """p_t = bias_e + sum_k w_r[k] x_r[t - (WP-1) + k] (zero before the start) into p_r[:L].
 
     x_r: (L,); w_r: (WP,) left-padded taps; p_r: (>= L,), written. The first WP - 1 outputs, which see the zero
@@ -98,7 +98,7 @@ def _forward_kernel(x, weight, bias, silu, out):
         b = row // ne
         e = row % ne
         o_r = out[b, e]  # (L,)
-        preactivation(x[b, e], weight[e], bias[e], o_r)
+        _preactivation(x[b, e], weight[e], bias[e], o_r)
         if silu:  # a pass of its own: fused into the tap loop it was no faster (the exp dominates)
             for t in range(np.uintp(seqlen)):
                 p = o_r[t]
@@ -107,7 +107,7 @@ def _forward_kernel(x, weight, bias, silu, out):
 
 @numba.njit(**PARALLEL)
 def _backward_kernel(x, weight, bias, silu, dout, dx, dweight, dbias):
-    """Gradients of :func:`_forward_kernel`, one row per iteration (see :func:`backward_row`).
+    """Gradients of :func:`_forward_kernel`, one row per iteration (see :func:`_backward_row`).
 
     x, dout, dx: (B, E, L); weight: (E, WP), left-padded; bias: (E,). Writes dx, and dweight: (B, E, WP) and
     dbias: (B, E), both float64, to be summed over the batch by the caller (each row owns its slot, so threads
@@ -119,11 +119,11 @@ def _backward_kernel(x, weight, bias, silu, dout, dx, dweight, dbias):
         b = row // ne
         e = row % ne
         gp = np.empty(seqlen + wp - 1, x.dtype)
-        dbias[b, e] = backward_row(x[b, e], weight[e], bias[e], silu, dout[b, e], dx[b, e], gp, dweight[b, e])
+        dbias[b, e] = _backward_row(x[b, e], weight[e], bias[e], silu, dout[b, e], dx[b, e], gp, dweight[b, e])
 
 
 @numba.njit(**SERIAL, inline="always")
-def backward_row(x_r, w_r, bias_e, silu, dout_r, dx_r, gp, dweight_r):
+def _backward_row(x_r, w_r, bias_e, silu, dout_r, dx_r, gp, dweight_r):
     """The gradients of one (batch, channel) row; the pre-activation is recomputed from x. Returns d bias (float64).
 
     x_r, dout_r, dx_r: (L,), dx_r written; w_r: (WP,) left-padded taps; gp: (L + WP - 1,) scratch;
@@ -136,7 +136,7 @@ def backward_row(x_r, w_r, bias_e, silu, dout_r, dx_r, gp, dweight_r):
     nfull = seqlen // SUM_CHUNK
     for i in range(wp - 1):  # gp: p, then its gradient g, then WP - 1 zeros
         gp[seqlen + i] = 0
-    preactivation(x_r, w_r, bias_e, gp)
+    _preactivation(x_r, w_r, bias_e, gp)
     # Through u = p sigmoid(p): du/dp = s (1 + p (1 - s)), as torch's silu_backward.
     if silu:
         for t in range(n):

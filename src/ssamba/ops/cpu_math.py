@@ -25,7 +25,7 @@ _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 # error_model="numpy": a float division by zero gives inf instead of raising, so loops have no exception exit
 # (a loop with one never vectorises).
 # cache=True: numba revalidates a cached kernel against its own source file only, not against the inlined helpers it
-# took from other files (scan_cpu.scan_row_pair inside mamba_inner_cpu's kernel, this file's exp): after editing a
+# took from other files (mamba_infer_cpu.discretise inside mamba_inner_cpu's backward, this file's exp): after editing a
 # helper, delete the caches (`find src -name '*.nbi' -delete`, and .cache/numba-* of scripts/numerics.sh), or a
 # stale kernel keeps running here while a fresh clone compiles the new code.
 SERIAL = dict(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)

@@ -1,14 +1,14 @@
-"""The Mamba mixer's inference on CPU, token-major: what :func:`ssamba.ops.mamba_inner_cpu.mamba_inner_cpu`
-computes when autograd is not recording, with every (E, ...) activation laid out (B, L, E), as the projections
-produce and consume it.
+"""The Mamba mixer's forward kernels on CPU, token-major, and its inference: what
+:func:`ssamba.ops.mamba_inner_cpu.mamba_inner_cpu` computes when autograd is not recording, with every (E, ...)
+activation laid out (B, L, E), as the projections produce and consume it. The training path
+(:mod:`ssamba.ops.mamba_inner_cpu`) runs the same two kernels and keeps what its backward needs.
 
-Why a second layout for inference: the training kernels keep channel-major rows (E, B, L), which the scan's
-checkpointed backward walks row by row. There a scan step updates one row's 16 states across the vector lanes; the
-next step of that row waits for it, and each step ends in a horizontal sum of the 16 lanes (the readout). Here the
-lanes hold channels of one token instead: each of the N states is its own vector recurrence over a block of
-channels, the N of them independent (the CPU overlaps them), B and C are scalars broadcast to the lanes, and the
-readout is a plain vector sum. The projections stay single GEMMs over all B*L tokens, with no transposed copies.
-benchmarks/RESULTS.md (session 11) has the forward's time with both layouts.
+Why token-major: a scan's vector lanes hold channels of one token, so each of the N states is its own vector
+recurrence over a block of channels, the N of them independent (the CPU overlaps them), B and C are scalars
+broadcast to the lanes, and the readout is a plain vector sum. (The channel-major layout that this replaced, one
+row's 16 states across the lanes, made each step wait for the previous step of the same row and end in a horizontal
+sum.) The projections stay single GEMMs over all B*L tokens, with no transposed copies. benchmarks/RESULTS.md
+(sessions 11 and 12) has the times of both layouts.
 
     GEMM    x = in_proj_x(h)                                  (B*L, E)
     conv    u_k = silu(conv_k(x)), k = 1 in the reversed order of each item's valid positions
@@ -18,12 +18,11 @@ benchmarks/RESULTS.md (session 11) has the forward's time with both layouts.
             silu(z) * (y_0 [+ rev(y_1)]) [/ 2] written over z
     GEMM    out = out_proj(z)
 
-Live (B, L, E) buffers: u (K of them) and z, three for K = 2 (x is freed before z is made), as many as the
-channel-major inference that this replaced.
+Live (B, L, E) buffers in inference: u (K of them) and z, three for K = 2 (x is freed before z is made).
 
-Numbers: the same arithmetic as the training path's kernels, but the readout sums the states in order rather than
-as a tree, dt_proj's rank-R sum is the same loop, and the conv sums its taps in the same order; so the two agree to
-float32 rounding (tests/test_mamba_inner_cpu.py; float64 agrees to 1e-12).
+Numbers: the readout sums the states in order, dt_proj's rank-R sum is a loop in the faithful product's order and
+the conv sums its taps in order; the faithful path agrees to float32 rounding (tests/test_mamba_inner_cpu.py;
+float64 agrees to 1e-12).
 
 Shapes as in :mod:`ssamba.ops.mamba_inner_cpu`.
 """

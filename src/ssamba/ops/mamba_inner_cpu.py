@@ -103,8 +103,8 @@ def _scan_backward_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, dys,
 
     Inputs as that kernel, with dys: (B, L, E) the gradient of the direction sum and ckpt: (K, B, S, N, E) its
     checkpoints. Writes, in each direction's scan order: du and ddelta (the gradient of dt_proj's output): tuples
-    of K (B, L, E); d_bc: (K, NBLK, B, L, 2N), dB then dC summed over each block's channels. Adds into d_a:
-    (K, B, N, E) and d_d, d_bias: (K, B, E), float64 and zeroed by the caller, to be summed over the batch.
+    of K (B, L, E); d_bc: (K, NBLK, B, L, 2N), dB then dC summed over each block's channels; and d_a: (K, B, N, E),
+    d_d, d_bias: (K, B, E), float64, to be summed over the batch by the caller.
     """
     nb, ne = dys.shape[0], dys.shape[2]
     nblocks = (ne + CHANNELS - 1) // CHANNELS
@@ -137,18 +137,18 @@ def _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, dys, ckpt,
     nchunks = ckpt.shape[2]
     c0 = blk * CHANNELS
     dtype = dys.dtype
-    one = dtype.type(1)
+    one, zero = dtype.type(1), dtype.type(0)
     threshold = dtype.type(SOFTPLUS_THRESHOLD)
     # A chunk's steps recomputed: hist[j + 1] holds step j's states (rows [0, N)), exp(dt A) ([N, 2N)), pre, dt and
     # dt u (2N, 2N + 1, 2N + 2); hist[0]'s states are the checkpoint's.
     dt_row, dtu_row, pre_row = 2 * nstate + 1, 2 * nstate + 2, 2 * nstate
     hist = np.empty((CHECKPOINT_STEPS + 1, 2 * nstate + 3, width), dtype)
     # One array for every row a step writes, so that LLVM can tell the rows apart from their constant offsets and
-    # vectorise the state loop without runtime overlap checks: dh, the per-state terms of dB, dC, d(dt u) and ddt
-    # (summed after the states' loop, as the forward's readout), a chunk's dA, then d(dt u), ddt, dD, d bias.
-    dh, pb, pc, qtu, qdt, da_acc = 0, nstate, 2 * nstate, 3 * nstate, 4 * nstate, 5 * nstate
-    ddtu_row, ddt_row, dd_row, dbias_row = 6 * nstate, 6 * nstate + 1, 6 * nstate + 2, 6 * nstate + 3
-    work = np.empty((6 * nstate + 4, width), dtype)
+    # vectorise the state loop without runtime overlap checks: dh, the per-state terms of d(dt u) and ddt (summed
+    # after the states' loop, as the forward's readout), a chunk's dA, then d(dt u), ddt, dD, d bias.
+    dh, qtu, qdt, da_acc = 0, nstate, 2 * nstate, 3 * nstate
+    ddtu_row, ddt_row, dd_row, dbias_row = 4 * nstate, 4 * nstate + 1, 4 * nstate + 2, 4 * nstate + 3
+    work = np.empty((4 * nstate + 4, width), dtype)
     a_g = np.empty((nstate, width), dtype)
     w_g = np.empty((rank, width), dtype)
     for k in range(ndir):
@@ -164,6 +164,10 @@ def _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, dys, ckpt,
         for s in range(nstate):
             for c in range(width):
                 work[dh + s, c] = 0
+                d_a_k[s, c0 + c] = 0
+        for c in range(width):
+            d_d_k[c0 + c] = 0
+            d_bias_k[c0 + c] = 0
         for chunk in range(nchunks - 1, -1, -1):
             i0 = chunk * CHECKPOINT_STEPS
             steps = min(CHECKPOINT_STEPS, seqlen - i0)
@@ -195,18 +199,23 @@ def _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, dys, ckpt,
                 dy, u_t, xd = dys[b, t, c0 : c0 + width], u_k[b, i, c0 : c0 + width], x_k[b, i]
                 hp, hn = hist[j], hist[j + 1]
                 dt_r, dtu_r, pre_r = hn[dt_row], hn[dtu_row], hn[pre_row]
+                dbc = d_bc[k, blk, b, i]  # (2N,)
                 for s in range(nstate):
                     bs, cs = xd[rank + s], xd[rank + nstate + s]
                     hp_s, h_s, e_s, a_s = hp[s], hn[s], hn[nstate + s], a_g[s]
+                    sum_b = zero  # this block's share of dB_s and dC_s at step i
+                    sum_c = zero
                     for c in range(width):
                         g = work[dh + s, c] + dy[c] * cs
-                        work[pc + s, c] = h_s[c] * dy[c]
-                        work[pb + s, c] = g * dtu_r[c]
+                        sum_c += h_s[c] * dy[c]
+                        sum_b += g * dtu_r[c]
                         work[qtu + s, c] = g * bs
                         ge = g * hp_s[c] * e_s[c]
                         work[qdt + s, c] = ge * a_s[c]
                         work[da_acc + s, c] += ge * dt_r[c]
                         work[dh + s, c] = g * e_s[c]
+                    dbc[s] = sum_b
+                    dbc[nstate + s] = sum_c
                 for c in range(width):
                     work[ddtu_row, c] = work[qtu, c]
                     work[ddt_row, c] = work[qdt, c]
@@ -214,15 +223,6 @@ def _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, dys, ckpt,
                     for c in range(width):
                         work[ddtu_row, c] += work[qtu + s, c]
                         work[ddt_row, c] += work[qdt + s, c]
-                dbc = d_bc[k, blk, b, i]  # (2N,)
-                for s in range(nstate):
-                    sb = work.dtype.type(0)
-                    sc = work.dtype.type(0)
-                    for c in range(width):
-                        sb += work[pb + s, c]
-                        sc += work[pc + s, c]
-                    dbc[s] = sb
-                    dbc[nstate + s] = sc
                 du_t, dl_t = du_k[b, i, c0 : c0 + width], dl_k[b, i, c0 : c0 + width]
                 for c in range(width):
                     ddtu = work[ddtu_row, c]
@@ -405,9 +405,9 @@ class _MambaInnerFn(torch.autograd.Function):
         with torch.profiler.record_function("ssamba::selective_scan"):
             du = tuple(torch.empty_like(x) for _ in range(ndir))
             ddelta = (dg.view(nb, seqlen, ne), *(torch.empty_like(x) for _ in range(ndir - 1)))
-            d_a = torch.zeros(ndir, nb, nstate, ne, dtype=torch.float64)
-            d_d = torch.zeros(ndir, nb, ne, dtype=torch.float64)
-            d_bias = torch.zeros(ndir, nb, ne, dtype=torch.float64)
+            d_a = torch.empty(ndir, nb, nstate, ne, dtype=torch.float64)
+            d_d = torch.empty(ndir, nb, ne, dtype=torch.float64)
+            d_bias = torch.empty(ndir, nb, ne, dtype=torch.float64)
             d_bc = x.new_empty(ndir, -(-ne // CHANNELS), nb, seqlen, 2 * nstate)
             _scan_backward_kernel(
                 tuple(_np(t) for t in u), tuple(_np(t) for t in x_dbl), w.dt_w, w.dt_b, w.a, w.d_skip,

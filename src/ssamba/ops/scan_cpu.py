@@ -44,8 +44,7 @@ from ssamba.ops.cpu_math import PARALLEL, SERIAL, SOFTPLUS_THRESHOLD, exp, sigmo
 from ssamba.ops.cpu_math import softplus as softplus_of  # the kernels' `softplus` is their on/off flag
 from ssamba.ops.selective_scan import check_scan_inputs, register_backend
 
-__all__ = ["CHECKPOINT_EVERY", "LANES", "WORK_ROWS", "a_blocks", "backward_chunk", "is_available", "partitions",
-           "scan_row_pair", "selective_scan_cpu", "state_blocks"]
+__all__ = ["is_available", "selective_scan_cpu"]
 
 # One AVX-512 register of float32; N=16 (Mamba-1's d_state) fills it exactly. Literal trip counts of LANES let
 # LLVM turn each per-step loop over the state into straight vector code (a runtime N made it 2.5x slower).
@@ -60,7 +59,7 @@ CHECKPOINT_EVERY = 128
 # rows that move with the step j by a constant offset each, so LLVM can prove they never overlap and vectorises the
 # loop without runtime alias checks. (With separate arrays, or with rows at fixed places next to rows that move with
 # j, it gave up and ran the lanes one by one: the whole backward was about 2.5x slower.) Unsigned, like every row
-# index used with them (see backward_chunk).
+# index used with them (see _backward_chunk).
 _K_U = np.uintp(CHECKPOINT_EVERY)
 _ONE_U = np.uintp(1)
 _W_B = np.uintp(0)  # K rows: B_j
@@ -77,12 +76,12 @@ _W_DA0 = _W_A1 + _K_U  # K + 1 rows each: dA summed over steps j .. end of chunk
 _W_DA1 = _W_DA0 + _K_U + _ONE_U
 _W_CARRY0 = _W_DA1 + _K_U + _ONE_U  # K + 1 rows each: what step j sends back to step j - 1, at row j
 _W_CARRY1 = _W_CARRY0 + _K_U + _ONE_U
-WORK_ROWS = int(_W_CARRY1 + _K_U + _ONE_U)
+_WORK_ROWS = int(_W_CARRY1 + _K_U + _ONE_U)
 # ----------------------------------------------------------------------------------------------- kernels
 
 
 @numba.njit(**SERIAL, inline="always")
-def scan_row_pair(dt0, dt1, u0, u1, a0, a1, b_bg, c_bg, y0, y1, last0, last1, save, ckpt0, ckpt1):
+def _scan_row_pair(dt0, dt1, u0, u1, a0, a1, b_bg, c_bg, y0, y1, last0, last1, save, ckpt0, ckpt1):
     """The recurrence of two (batch, channel) rows that share B and C (two channels of one batch item, or one row
     given twice): y[t] = sum_k h_t[k] C_t[k] with h_t = exp(dt_t A) h_(t-1) + dt_t u_t B_t, h_(-1) = 0; the state
     after the last step into last, and every CHECKPOINT_EVERY steps into ckpt when ``save``.
@@ -165,7 +164,7 @@ def _forward_kernel(
     u, delta, a_blk, b_blk, c_blk, d_skip, z, delta_bias, softplus, has_z, save, out, y_pre, last, ckpt
 ):
     """One pass over every (batch, channel) row: discretise, scan, read out, skip and gate; two channels of one
-    batch item per iteration (see scan_row_pair).
+    batch item per iteration (see _scan_row_pair).
 
     u, delta, out: (B, D, L); z, y_pre: (B, D, L), or (1, 1, 1) placeholders when unused; a_blk: (D, NB, LANES);
     b_blk: (B, Gb, NB, L, LANES); c_blk: (B, Gc, NB, L, LANES); d_skip, delta_bias: (D,);
@@ -203,7 +202,7 @@ def _forward_rows(
     # a row paired with itself reads out into a scratch copy: the readout adds up over state blocks, so the same
     # array as both outputs would count every block after the first twice
     y1 = out[b, d1] if d1 != d0 else np.empty(seqlen, u.dtype)
-    scan_row_pair(
+    _scan_row_pair(
         dt0, dt1, u[b, d0], u[b, d1], a_blk[d0], a_blk[d1], b_blk[b, d0 // per_gb], c_blk[b, d0 // per_gc],
         out[b, d0], y1, last[b, d0], last[b, d1], save, ckpt[b, d0], ckpt[b, d1],
     )  # fmt: skip
@@ -241,7 +240,7 @@ def _backward_partition(
     row_start, slot_start, du, ddelta, dz, d_a, d_d, d_bias, d_b, d_c,
 ):  # fmt: skip
     """The rows of partition ``part`` (arguments as :func:`_backward_kernel`), two channels of one batch item at a
-    time, as the forward (see scan_row_pair). A row without a partner (at the partition's end, or whose neighbour
+    time, as the forward (see _scan_row_pair). A row without a partner (at the partition's end, or whose neighbour
     reads other B or C) is paired with a ghost: its own inputs with a zero output gradient and a zero final state
     gradient, so every gradient the ghost sends is exactly zero, and what it writes goes to scratch.
     Inlined into the parallel loop: as a function of its own, numba compiled it twice (for the int64 index of the
@@ -260,7 +259,7 @@ def _backward_partition(
     ghost_du = np.empty(seqlen, u.dtype)
     zeros = np.zeros(seqlen, u.dtype)
     zero_state = np.zeros(LANES, u.dtype)
-    work = np.empty((WORK_ROWS, LANES), u.dtype)  # (W_ROWS, LANES) a chunk's working set, rows _W_*
+    work = np.empty((_WORK_ROWS, LANES), u.dtype)  # (W_ROWS, LANES) a chunk's working set, rows _W_*
     da_rows = np.empty((2, LANES), np.float64)  # (2, LANES) dA summed over each row, in float64
     first_b = row_start[part] // nd
     row = row_start[part]
@@ -288,7 +287,7 @@ def _backward_partition(
             for chunk in range(nchunks - 1, -1, -1):
                 t0 = chunk * CHECKPOINT_EVERY
                 steps = min(CHECKPOINT_EVERY, seqlen - t0)
-                backward_chunk(
+                _backward_chunk(
                     work, chunk == nchunks - 1, np.uintp(steps), t0, dt[0], dt[1], u[b, d0], u1, dy[0], dy1,
                     du[b, d0], du1, ddt[0], ddt[1], a_blk[d0, blk], a_blk[d1, blk], b_r.reshape(seqlen * LANES),
                     c_r.reshape(seqlen * LANES), ckpt[b, d0, blk], ckpt[b, d1, blk], dlast[b, d0, blk],
@@ -356,7 +355,7 @@ def _backward_row_end(b, d, delta, delta_bias, softplus, ddt, ddelta, d_bias):
 
 
 @numba.njit(**SERIAL, inline="always")
-def backward_chunk(
+def _backward_chunk(
     work, is_last, steps, t0, dt0, dt1, u0, u1, dy0, dy1, du0, du1, ddt0, ddt1, a0, a1, b_flat, c_flat, ckpt0,
     ckpt1, dlast0, dlast1, da_rows, db_flat, dc_flat,
 ):  # fmt: skip
@@ -374,7 +373,7 @@ def backward_chunk(
     """
     zero = u0.dtype.type(0)
     chunk = t0 // CHECKPOINT_EVERY
-    w_flat = work.reshape(WORK_ROWS * LANES)
+    w_flat = work.reshape(_WORK_ROWS * LANES)
     lanes = np.uintp(LANES)
     base = np.uintp(t0) * lanes  # flat index of step t0 in b_flat, c_flat, db_flat, dc_flat
     for k in range(LANES):
@@ -480,7 +479,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
             raise ValueError(f"the cpu selective-scan backend needs CPU tensors; {name} is on {t.device}")
 
 
-def a_blocks(A: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
+def _a_blocks(A: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
     """A (D, N) -> (D, NB, LANES) in ``dtype``, zero-padded (padded lanes decay by exp(0) = 1 but get no input)."""
     nd, nstate = A.shape
     padded = torch.zeros(nd, nblocks * LANES, dtype=dtype)
@@ -488,7 +487,7 @@ def a_blocks(A: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
     return padded.view(nd, nblocks, LANES)
 
 
-def state_blocks(m: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
+def _state_blocks(m: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
     """(B, N, L) or (B, G, N, L) -> (B, G, NB, L, LANES), zero-padded and contiguous (a step's lanes adjacent)."""
     m4 = m.detach() if m.dim() == 4 else m.detach().unsqueeze(1)  # (B, G, N, L)
     nbatch, groups, nstate, seqlen = m4.shape
@@ -498,7 +497,7 @@ def state_blocks(m: Tensor, dtype: torch.dtype, nblocks: int) -> Tensor:
 
 
 def _unblocked(x: Tensor, nstate: int) -> Tensor:
-    """(..., NB, L, LANES) -> (..., N, L), the inverse of :func:`state_blocks`'s layout change."""
+    """(..., NB, L, LANES) -> (..., N, L), the inverse of :func:`_state_blocks`'s layout change."""
     *lead, nblocks, seqlen, lanes = x.shape
     return x.transpose(-1, -2).reshape(*lead, nblocks * lanes, seqlen)[..., :nstate, :]
 
@@ -515,9 +514,9 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias) -> _Prepared:
     return _Prepared(
         u=cast(u),
         delta=cast(delta),
-        a_blk=a_blocks(A, dtype, nblocks),
-        b_blk=state_blocks(B, dtype, nblocks),
-        c_blk=state_blocks(C, dtype, nblocks),
+        a_blk=_a_blocks(A, dtype, nblocks),
+        b_blk=_state_blocks(B, dtype, nblocks),
+        c_blk=_state_blocks(C, dtype, nblocks),
         d_skip=zeros if D is None else cast(D),
         z=torch.zeros(1, 1, 1, dtype=dtype) if z is None else cast(z),
         delta_bias=zeros if delta_bias is None else cast(delta_bias),
@@ -548,7 +547,7 @@ def _run_forward(p: _Prepared, softplus: bool, save: bool) -> tuple[Tensor, Tens
     return out, last.view(nb, nd, nblocks * LANES), y_pre, ckpt
 
 
-def partitions(nb: int, nd: int) -> tuple[np.ndarray, np.ndarray, Tensor]:
+def _partitions(nb: int, nd: int) -> tuple[np.ndarray, np.ndarray, Tensor]:
     """Cached :func:`_split_rows` for the current thread count (building it cost 0.1 ms a call, 2% of a
     B=16, L=49 backward on one thread). The kernel and ``_bc_grad`` only read the arrays."""
     return _split_rows(nb, nd, numba.get_num_threads())
@@ -604,7 +603,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         dlast_p = torch.zeros(nb, nd, nblocks, LANES, dtype=dtype)
         if dlast is not None:
             dlast_p.view(nb, nd, nblocks * LANES)[..., :nstate] = dlast
-        row_start, slot_start, slot_batch = partitions(nb, nd)
+        row_start, slot_start, slot_batch = _partitions(nb, nd)
         nslots = slot_batch.shape[0]
         du, ddelta = torch.empty_like(p.u), torch.empty_like(p.u)
         dz = torch.empty_like(p.u) if p.has_z else torch.empty(1, 1, 1, dtype=dtype)
