@@ -97,17 +97,14 @@ def conv_preactivation(x, weight, bias_k, k, b, i, n, acc):
 
 
 @numba.njit(**PARALLEL)
-def scan_gate_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z, ysum, g, ckpt):
-    """g = silu(z) * ysum * scale with ysum = y_0 [+ rev(y_1)], y_k = scan_k + D_k u_k; one (batch item, block of
-    up to CHANNELS channels) per iteration, both directions in it.
+def scan_gate_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z):
+    """z = silu(z) * (y_0 [+ rev(y_1)]) * scale with y_k = scan_k + D_k u_k, for inference; one (batch item, block
+    of up to CHANNELS channels) per iteration, both directions in it: y_0 is written over u_0 (each step reads its
+    own u before it writes), the gate over z by the last direction, so no further buffer or pass is needed.
 
     u: a tuple of K (B, L, E) (u[1] in reversed order, as the conv wrote it); x_dbl: a tuple of K (B, L, P);
     dt_weight: (K, R, E) dt_proj's weight transposed; dt_bias, d_skip: (K, E); a: (K, N, E) A transposed;
-    lengths: (B,); z: (B, L, E). Writes ysum and g: (B, L, E), and ckpt: (K, B, S, N, E), the states before every
-    CHECKPOINT_STEPS-th step, where S > 0 (the training path keeps them for its backward).
-
-    Inference passes u[0] as ysum and z as g, so that no further buffer is needed: direction 0's y_0 goes over
-    u_0 (each step reads its own u before it writes) and the gate over z (each step reads its own z first).
+    lengths: (B,); z: (B, L, E), overwritten.
     """
     nb, ne = z.shape[0], z.shape[2]
     nblocks = (ne + CHANNELS - 1) // CHANNELS
@@ -117,17 +114,36 @@ def scan_gate_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z,
         # A full block's loops get a constant trip count, which LLVM vectorises without remainder loops (a partial
         # last block gets its own compiled copy).
         if ne - c0 >= CHANNELS:
-            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, ysum, g, ckpt, b, c0, CHANNELS)
+            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, b, c0, CHANNELS)
         else:
-            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, ysum, g, ckpt, b, c0, ne - c0)
+            _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, b, c0, ne - c0)
+
+
+@numba.njit(**PARALLEL)
+def scan_gate_train_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z, ysum, g, ckpt):
+    """:func:`scan_gate_kernel` for training: u and z are left alone, and what the backward needs is written.
+
+    Inputs as there. Writes ysum = y_0 [+ rev(y_1)] and the gate's output g: (B, L, E), and ckpt: (K, B, S, N, E),
+    the states before every CHECKPOINT_STEPS-th step.
+    """
+    nb, ne = z.shape[0], z.shape[2]
+    nblocks = (ne + CHANNELS - 1) // CHANNELS
+    for task in prange(nb * nblocks):
+        b = task // nblocks
+        c0 = (task % nblocks) * CHANNELS
+        if ne - c0 >= CHANNELS:
+            _scan_train_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, ysum, g, ckpt, b, c0,
+                              CHANNELS)  # fmt: skip
+        else:
+            _scan_train_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths[b], scale, z, ysum, g, ckpt, b, c0,
+                              ne - c0)  # fmt: skip
 
 
 @numba.njit(**SERIAL, inline="always")
-def discretise(xd, w_g, bias_g, u_t, pre, dt, dtu):
+def discretise(xd, w_g, bias_g, u_t, pre, dt, dtu, width):
     """One step's pre = dt_proj(x_dbl[:R]) + bias (summed in the order of the faithful path's rank-R product),
-    dt = softplus(pre) and dtu = dt u, for a block of channels. xd: (P,) the step's x_proj output; w_g: (R, W)
-    dt_proj's weight for the block, transposed; bias_g, u_t, pre, dt, dtu: (W,)."""
-    width = dt.shape[0]
+    dt = softplus(pre) and dtu = dt u, for a block of width channels. xd: (P,) the step's x_proj output; w_g:
+    (R, width) dt_proj's weight for the block, transposed; bias_g, u_t, pre, dt, dtu: (width,)."""
     for c in range(width):
         pre[c] = 0
     for r in range(w_g.shape[0]):
@@ -144,68 +160,118 @@ def discretise(xd, w_g, bias_g, u_t, pre, dt, dtu):
 
 
 @numba.njit(**SERIAL, inline="always")
-def _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, ysum, g, ckpt, b, c0, width):
+def load_direction(a, dt_weight, k, c0, a_g, w_g, width):
+    """a_g = A_k and w_g = dt_proj_k's weight for channels c0 .. c0 + width - 1, (N, width) and (R, width)."""
+    for s in range(a_g.shape[0]):
+        for c in range(width):
+            a_g[s, c] = a[k, s, c0 + c]
+    for r in range(w_g.shape[0]):
+        for c in range(width):
+            w_g[r, c] = dt_weight[k, r, c0 + c]
+
+
+@numba.njit(**SERIAL, inline="always")
+def _scan_step(xd, w_g, bias_g, u_t, a_g, h, hc, pre, dt, dtu, y, width):
+    """One step of a block's scan: h_s = exp(dt A_s) h_s + dt u B_s for every state s, and the readout
+    y = sum_s C_s h_s (without the D skip). xd: (P,) the step's x_proj output (dt's rank inputs, B, C); h, a_g, hc:
+    (N, width); pre, dt, dtu, y: (width,) scratch and output."""
+    rank, nstate = w_g.shape[0], a_g.shape[0]
+    discretise(xd, w_g, bias_g, u_t, pre, dt, dtu, width)
+    for s in range(nstate):
+        bs, cs = xd[rank + s], xd[rank + nstate + s]
+        h_s, a_s, hc_s = h[s], a_g[s], hc[s]  # (width,)
+        for c in range(width):
+            hs = exp(dt[c] * a_s[c]) * h_s[c] + dtu[c] * bs
+            h_s[c] = hs
+            hc_s[c] = hs * cs
+    # each state's share of the readout is summed after the states' loop: accumulating it inside that loop kept
+    # the loop from vectorising
+    for c in range(width):
+        y[c] = hc[0, c]
+    for s in range(1, nstate):
+        hc_s = hc[s]
+        for c in range(width):
+            y[c] += hc_s[c]
+
+
+@numba.njit(**SERIAL, inline="always")
+def _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, b, c0, width):
     """:func:`scan_gate_kernel` for batch item b's channels c0 .. c0 + width - 1 (n of its steps valid)."""
     ndir = len(u)
     seqlen = z.shape[1]
     rank, nstate = dt_weight.shape[1], a.shape[1]
-    save = ckpt.shape[2] > 0
     dtype = z.dtype
     h = np.empty((nstate, width), dtype)  # the block's states
     a_g = np.empty((nstate, width), dtype)
     w_g = np.empty((rank, width), dtype)
-    # each state's share of the readout, summed after the states' loop: accumulating it inside that loop kept
-    # the loop from vectorising
     hc = np.empty((nstate, width), dtype)
     pre = np.empty(width, dtype)  # one step's pre-activation, dt, dt u and readout
     dt = np.empty(width, dtype)
     dtu = np.empty(width, dtype)
     y = np.empty(width, dtype)
     for k in range(ndir):
-        for s in range(nstate):
-            for c in range(width):
-                a_g[s, c] = a[k, s, c0 + c]
-                h[s, c] = 0
-        for r in range(rank):
-            for c in range(width):
-                w_g[r, c] = dt_weight[k, r, c0 + c]
+        load_direction(a, dt_weight, k, c0, a_g, w_g, width)
+        h[:] = 0
         bias_g, skip_g = dt_bias[k, c0 : c0 + width], d_skip[k, c0 : c0 + width]
         u_k, x_k = u[k], x_dbl[k]
         for i in range(seqlen):
-            if save and i % CHECKPOINT_STEPS == 0:
-                ck = ckpt[k, b, i // CHECKPOINT_STEPS]  # (N, E)
-                for s in range(nstate):
-                    for c in range(width):
-                        ck[s, c0 + c] = h[s, c]
-            u_t, xd = u_k[b, i, c0 : c0 + width], x_k[b, i]  # (width,), (P,)
-            discretise(xd, w_g, bias_g, u_t, pre, dt, dtu)
-            for s in range(nstate):
-                bs, cs = xd[rank + s], xd[rank + nstate + s]
-                h_s, a_s, hc_s = h[s], a_g[s], hc[s]  # (width,)
+            u_t = u_k[b, i, c0 : c0 + width]  # (width,)
+            _scan_step(x_k[b, i], w_g, bias_g, u_t, a_g, h, hc, pre, dt, dtu, y, width)
+            if k == 0 and ndir == 2:  # y_0 over u_0, this step's u being read already
                 for c in range(width):
-                    hs = exp(dt[c] * a_s[c]) * h_s[c] + dtu[c] * bs
-                    h_s[c] = hs
-                    hc_s[c] = hs * cs
-            for c in range(width):
-                y[c] = hc[0, c]
-            for s in range(1, nstate):
-                hc_s = hc[s]
-                for c in range(width):
-                    y[c] += hc_s[c]
-            if k == 0 and ndir == 2:  # y_0, this step's u being read already
-                y_t = ysum[b, i, c0 : c0 + width]
-                for c in range(width):
-                    y_t[c] = y[c] + skip_g[c] * u_t[c]
+                    u_t[c] = y[c] + skip_g[c] * u_t[c]
             else:
                 t = n - 1 - i if k == 1 and i < n else i  # the original position of step i
-                z_t, y_t, g_t = z[b, t, c0 : c0 + width], ysum[b, t, c0 : c0 + width], g[b, t, c0 : c0 + width]
+                z_t = z[b, t, c0 : c0 + width]
+                y0 = u[0][b, t, c0 : c0 + width]  # y_0 when K = 2 (not read for K = 1)
                 for c in range(width):
                     ys = y[c] + skip_g[c] * u_t[c]
                     if ndir == 2:
-                        ys = y_t[c] + ys
+                        ys = y0[c] + ys
                     zt = z_t[c]
+                    z_t[c] = ys * (zt * sigmoid(zt)) * scale
+
+
+@numba.njit(**SERIAL, inline="always")
+def _scan_train_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, ysum, g, ckpt, b, c0, width):
+    """:func:`scan_gate_train_kernel` for batch item b's channels c0 .. c0 + width - 1 (n of its steps valid)."""
+    ndir = len(u)
+    seqlen = z.shape[1]
+    rank, nstate = dt_weight.shape[1], a.shape[1]
+    dtype = z.dtype
+    h = np.empty((nstate, width), dtype)
+    a_g = np.empty((nstate, width), dtype)
+    w_g = np.empty((rank, width), dtype)
+    hc = np.empty((nstate, width), dtype)
+    pre = np.empty(width, dtype)
+    dt = np.empty(width, dtype)
+    dtu = np.empty(width, dtype)
+    y = np.empty(width, dtype)
+    for k in range(ndir):
+        load_direction(a, dt_weight, k, c0, a_g, w_g, width)
+        h[:] = 0
+        bias_g, skip_g = dt_bias[k, c0 : c0 + width], d_skip[k, c0 : c0 + width]
+        u_k, x_k = u[k], x_dbl[k]
+        for i0 in range(0, seqlen, CHECKPOINT_STEPS):
+            ck = ckpt[k, b, i0 // CHECKPOINT_STEPS]  # (N, E): the states before step i0
+            for s in range(nstate):
+                for c in range(width):
+                    ck[s, c0 + c] = h[s, c]
+            for i in range(i0, min(i0 + CHECKPOINT_STEPS, seqlen)):
+                u_t = u_k[b, i, c0 : c0 + width]  # (width,)
+                _scan_step(x_k[b, i], w_g, bias_g, u_t, a_g, h, hc, pre, dt, dtu, y, width)
+                t = n - 1 - i if k == 1 and i < n else i  # the original position of step i
+                y_t = ysum[b, t, c0 : c0 + width]
+                for c in range(width):
+                    ys = y[c] + skip_g[c] * u_t[c]
+                    if k == 1:
+                        ys = y_t[c] + ys
                     y_t[c] = ys
-                    g_t[c] = ys * (zt * sigmoid(zt)) * scale
+                if k == ndir - 1:  # a loop of its own: with both stores in one, the loop stayed scalar
+                    z_t, g_t = z[b, t, c0 : c0 + width], g[b, t, c0 : c0 + width]
+                    for c in range(width):
+                        zt = z_t[c]
+                        g_t[c] = y_t[c] * (zt * sigmoid(zt)) * scale
 
 
 class DirectionWeights(NamedTuple):
@@ -279,10 +345,9 @@ def mamba_infer_cpu(
         x_dbl = tuple(mm(u[k].view(nb * seqlen, ne), w.x_proj_w[k].t()).view(nb, seqlen, -1) for k in range(ndir))
     z = in_half(1)
     with torch.profiler.record_function("ssamba::selective_scan"):
-        u_np, z_np = tuple(t.numpy() for t in u), z.numpy()
-        no_checkpoints = np.empty((ndir, nb, 0, w.a.shape[1], ne), z_np.dtype)
-        scan_gate_kernel(u_np, tuple(t.numpy() for t in x_dbl), w.dt_w, w.dt_b, w.a, w.d_skip, lengths_np,
-                         z_np.dtype.type(scale), z_np, u_np[0], z_np, no_checkpoints)  # fmt: skip
+        z_np = z.numpy()
+        scan_gate_kernel(tuple(t.numpy() for t in u), tuple(t.numpy() for t in x_dbl), w.dt_w, w.dt_b, w.a, w.d_skip,
+                         lengths_np, z_np.dtype.type(scale), z_np)  # fmt: skip
     del u, x_dbl, w
     out = mm(z.view(nb * seqlen, ne), out_w.t())  # (B*L, M), in autocast's dtype under autocast
     if out_b is not None:

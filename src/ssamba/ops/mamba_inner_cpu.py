@@ -65,8 +65,9 @@ from ssamba.ops.mamba_infer_cpu import (
     conv_preactivation,
     discretise,
     kernel_weights,
+    load_direction,
     mamba_infer_cpu,
-    scan_gate_kernel,
+    scan_gate_train_kernel,
 )
 
 __all__ = ["DirectionWeights", "is_available", "mamba_inner_cpu"]
@@ -98,7 +99,7 @@ def _gate_backward_kernel(dg, z, ysum, scale, dys, dz):
 @numba.njit(**PARALLEL)
 def _scan_backward_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, dys, ckpt,
                           du, ddelta, d_a, d_d, d_bias, d_bc):  # fmt: skip
-    """Gradients of the scans of :func:`ssamba.ops.mamba_infer_cpu.scan_gate_kernel`; one (batch item, block of
+    """Gradients of the scans of :func:`ssamba.ops.mamba_infer_cpu.scan_gate_train_kernel`; one (batch item, block of
     CHANNELS channels) per iteration, both directions in it.
 
     Inputs as that kernel, with dys: (B, L, E) the gradient of the direction sum and ckpt: (K, B, S, N, E) its
@@ -152,12 +153,7 @@ def _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, dys, ckpt,
     a_g = np.empty((nstate, width), dtype)
     w_g = np.empty((rank, width), dtype)
     for k in range(ndir):
-        for s in range(nstate):
-            for c in range(width):
-                a_g[s, c] = a[k, s, c0 + c]
-        for r in range(rank):
-            for c in range(width):
-                w_g[r, c] = dt_weight[k, r, c0 + c]
+        load_direction(a, dt_weight, k, c0, a_g, w_g, width)
         bias_g, skip_g = dt_bias[k, c0 : c0 + width], d_skip[k, c0 : c0 + width]
         u_k, x_k, du_k, dl_k = u[k], x_dbl[k], du[k], ddelta[k]
         d_a_k, d_d_k, d_bias_k = d_a[k, b], d_d[k, b], d_bias[k, b]  # (N, E), (E,), (E,)
@@ -175,10 +171,11 @@ def _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, dys, ckpt,
             for s in range(nstate):
                 for c in range(width):
                     hist[0, s, c] = ck[s, c0 + c]
-            for j in range(steps):  # the chunk's forward again, as scan_gate_kernel computes it
+            for j in range(steps):  # the chunk's forward again, as scan_gate_train_kernel computes it
                 i = i0 + j
                 hp, hn = hist[j], hist[j + 1]
-                discretise(x_k[b, i], w_g, bias_g, u_k[b, i, c0 : c0 + width], hn[pre_row], hn[dt_row], hn[dtu_row])
+                discretise(x_k[b, i], w_g, bias_g, u_k[b, i, c0 : c0 + width], hn[pre_row], hn[dt_row], hn[dtu_row],
+                           width)
                 dt_r, dtu_r = hn[dt_row], hn[dtu_row]
                 for s in range(nstate):
                     bs = x_k[b, i, rank + s]
@@ -365,8 +362,9 @@ class _MambaInnerFn(torch.autograd.Function):
         with torch.profiler.record_function("ssamba::selective_scan"):
             ysum, g = torch.empty_like(x), torch.empty_like(x)
             ckpt = x.new_empty(ndir, nb, -(-seqlen // CHECKPOINT_STEPS), w.a.shape[1], ne)
-            scan_gate_kernel(tuple(_np(t) for t in u), tuple(_np(t) for t in x_dbl), w.dt_w, w.dt_b, w.a, w.d_skip,
-                             lengths_np, _np(x).dtype.type(scale), _np(z), _np(ysum), _np(g), _np(ckpt))  # fmt: skip
+            scan_gate_train_kernel(tuple(_np(t) for t in u), tuple(_np(t) for t in x_dbl), w.dt_w, w.dt_b, w.a,
+                                   w.d_skip, lengths_np, _np(x).dtype.type(scale), _np(z), _np(ysum), _np(g),
+                                   _np(ckpt))  # fmt: skip
         out = mm(g.view(tokens, ne), out_w.to(dtype).t())  # (B*L, M)
         del g
         if out_b is not None:
