@@ -9,6 +9,7 @@ import torch
 import ssamba
 from ssamba.nn.mamba import InnerBiMamba, Mamba
 from ssamba.ops import use_backend
+from ssamba.ops.mamba_infer_cpu import CHECKPOINT_STEPS
 from tests.conftest import FP32_REORDER
 
 CONFIGS = [{}, {"d_state": 4, "divide_out": False}, {"d_state": 20, "bias": True},
@@ -69,6 +70,22 @@ def test_fused_training_agrees_with_the_faithful_path(cls, dtype, kwargs, padded
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item(), msg=name)
     with torch.no_grad():  # inference: ops/mamba_infer_cpu's token-major kernels
         torch.testing.assert_close(m(x, lengths), got[0], rtol=rtol, atol=rtol * got[0].abs().max().item())
+
+
+@pytest.mark.parametrize("seqlen", [CHECKPOINT_STEPS, CHECKPOINT_STEPS + 1, 2 * CHECKPOINT_STEPS + 7])
+def test_fused_training_across_checkpoint_chunks(seqlen):
+    """The scan's backward recomputes each chunk of CHECKPOINT_STEPS steps from the forward's checkpoint (none for
+    the first chunk): one chunk exactly, one step past it, and three chunks, padded, in float64, where the fused
+    gradients equal the faithful ones to 1e-12."""
+    m = _mixer(InnerBiMamba, torch.float64)
+    x = torch.randn(2, seqlen, 32, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([seqlen, seqlen - 3])
+    out = m(x, lengths)
+    grad = torch.randn_like(out)
+    got = [out.detach(), *torch.autograd.grad(out, [x, *m.parameters()], grad)]
+    want = _faithful(m, x, lengths, grad)
+    for name, a, b in zip(["output", "input", *(n for n, _ in m.named_parameters())], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * b.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("d_model", [12, 40], ids=["E24", "E80"])

@@ -47,8 +47,8 @@ __all__ = ["DirectionWeights", "mamba_infer_cpu"]
 # Channels per task of the scan kernels: E = 384 (SSAMBA-tiny) makes 6 blocks per item, which two cores share evenly
 # at batch 1 too; each state's update then runs over 4 vectors of 16 lanes.
 CHANNELS = 64
-# The training forward keeps the scan's states before every CHECKPOINT_STEPS-th step, (N, E) per item and
-# direction, half of u's size; its backward recomputes a chunk's states from them into a (2N + 3, CHANNELS) buffer
+# The training forward keeps the scan's states before every CHECKPOINT_STEPS-th step but the first, (N, E) per item
+# and direction, half of u's size; its backward recomputes a chunk's states from them into a (2N + 3, CHANNELS) buffer
 # per step, 256 KiB for a chunk of 32 steps at N = 16 (in a core's L2 cache on current server CPUs).
 CHECKPOINT_STEPS = 32
 # Tokens per task of the conv kernel: long enough that a task's setup is negligible, short enough that a batch of
@@ -123,8 +123,8 @@ def scan_gate_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z)
 def scan_gate_train_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, scale, z, ysum, g, ckpt):
     """:func:`scan_gate_kernel` for training: u and z are left alone, and what the backward needs is written.
 
-    Inputs as there. Writes ysum = y_0 [+ rev(y_1)] and the gate's output g: (B, L, E), and ckpt: (K, B, S, N, E),
-    the states before every CHECKPOINT_STEPS-th step.
+    Inputs as there. Writes ysum = y_0 [+ rev(y_1)] and the gate's output g: (B, L, E), and ckpt:
+    (K, B, S - 1, N, E), the states before step j CHECKPOINT_STEPS for j = 1 .. S - 1.
     """
     nb, ne = z.shape[0], z.shape[2]
     nblocks = (ne + CHANNELS - 1) // CHANNELS
@@ -253,10 +253,11 @@ def _scan_train_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, ysum
         bias_g, skip_g = dt_bias[k, c0 : c0 + width], d_skip[k, c0 : c0 + width]
         u_k, x_k = u[k], x_dbl[k]
         for i0 in range(0, seqlen, CHECKPOINT_STEPS):
-            ck = ckpt[k, b, i0 // CHECKPOINT_STEPS]  # (N, E): the states before step i0
-            for s in range(nstate):
-                for c in range(width):
-                    ck[s, c0 + c] = h[s, c]
+            if i0 > 0:  # the states before step i0 (before step 0 they are zero)
+                ck = ckpt[k, b, i0 // CHECKPOINT_STEPS - 1]  # (N, E)
+                for s in range(nstate):
+                    for c in range(width):
+                        ck[s, c0 + c] = h[s, c]
             for i in range(i0, min(i0 + CHECKPOINT_STEPS, seqlen)):
                 u_t = u_k[b, i, c0 : c0 + width]  # (width,)
                 _scan_step(x_k[b, i], w_g, bias_g, u_t, a_g, h, hc, pre, dt, dtu, y, width)

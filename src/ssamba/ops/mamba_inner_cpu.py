@@ -33,7 +33,8 @@ gathers both directions' taps, so no two threads write one element).
 Shape glossary
     B  batch      E  channels (d_inner)      L  sequence length      M  d_model      N  state size    R  dt_rank
     P  R + 2N (x_proj's outputs)      K  directions (1 or 2)      W  conv width (WP: padded to conv_cpu.TAPS)
-    S  checkpoints per row (L / CHECKPOINT_STEPS, rounded up)      NBLK  channel blocks (E / CHANNELS, rounded up)
+    S  chunks of CHECKPOINT_STEPS steps per row, rounded up (S - 1 checkpoints)
+    NBLK  channel blocks (E / CHANNELS, rounded up)
 
 Numbers: the forward is the inference path's arithmetic, and the backward recomputes the states with the same
 expressions; what differs from the faithful path is the order of float32 sums (the projections over all B*L
@@ -102,7 +103,7 @@ def _scan_backward_kernel(u, x_dbl, dt_weight, dt_bias, a, d_skip, lengths, dys,
     """Gradients of the scans of :func:`ssamba.ops.mamba_infer_cpu.scan_gate_train_kernel`; one (batch item, block of
     CHANNELS channels) per iteration, both directions in it.
 
-    Inputs as that kernel, with dys: (B, L, E) the gradient of the direction sum and ckpt: (K, B, S, N, E) its
+    Inputs as that kernel, with dys: (B, L, E) the gradient of the direction sum and ckpt: (K, B, S - 1, N, E) its
     checkpoints. Writes, in each direction's scan order: du and ddelta (the gradient of dt_proj's output): tuples
     of K (B, L, E); d_bc: (K, NBLK, B, L, 2N), dB then dC summed over each block's channels; and d_a: (K, B, N, E),
     d_d, d_bias: (K, B, E), float64, to be summed over the batch by the caller.
@@ -135,13 +136,13 @@ def _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, dys, ckpt,
     ndir = len(u)
     seqlen = dys.shape[1]
     rank, nstate = dt_weight.shape[1], a.shape[1]
-    nchunks = ckpt.shape[2]
+    nchunks = (seqlen + CHECKPOINT_STEPS - 1) // CHECKPOINT_STEPS
     c0 = blk * CHANNELS
     dtype = dys.dtype
     one, zero = dtype.type(1), dtype.type(0)
     threshold = dtype.type(SOFTPLUS_THRESHOLD)
     # A chunk's steps recomputed: hist[j + 1] holds step j's states (rows [0, N)), exp(dt A) ([N, 2N)), pre, dt and
-    # dt u (2N, 2N + 1, 2N + 2); hist[0]'s states are the checkpoint's.
+    # dt u (2N, 2N + 1, 2N + 2); hist[0]'s states are the checkpoint's (zero before step 0).
     dt_row, dtu_row, pre_row = 2 * nstate + 1, 2 * nstate + 2, 2 * nstate
     hist = np.empty((CHECKPOINT_STEPS + 1, 2 * nstate + 3, width), dtype)
     # One array for every row a step writes, so that LLVM can tell the rows apart from their constant offsets and
@@ -167,10 +168,15 @@ def _scan_backward_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, dys, ckpt,
         for chunk in range(nchunks - 1, -1, -1):
             i0 = chunk * CHECKPOINT_STEPS
             steps = min(CHECKPOINT_STEPS, seqlen - i0)
-            ck = ckpt[k, b, chunk]  # (N, E)
-            for s in range(nstate):
-                for c in range(width):
-                    hist[0, s, c] = ck[s, c0 + c]
+            if chunk == 0:
+                for s in range(nstate):
+                    for c in range(width):
+                        hist[0, s, c] = 0
+            else:
+                ck = ckpt[k, b, chunk - 1]  # (N, E)
+                for s in range(nstate):
+                    for c in range(width):
+                        hist[0, s, c] = ck[s, c0 + c]
             for j in range(steps):  # the chunk's forward again, as scan_gate_train_kernel computes it
                 i = i0 + j
                 hp, hn = hist[j], hist[j + 1]
@@ -361,7 +367,7 @@ class _MambaInnerFn(torch.autograd.Function):
         x_dbl = tuple(mm(u[k].view(tokens, ne), w.x_proj_w[k].t()).view(nb, seqlen, -1) for k in range(ndir))
         with torch.profiler.record_function("ssamba::selective_scan"):
             ysum, g = torch.empty_like(x), torch.empty_like(x)
-            ckpt = x.new_empty(ndir, nb, -(-seqlen // CHECKPOINT_STEPS), w.a.shape[1], ne)
+            ckpt = x.new_empty(ndir, nb, max(seqlen - 1, 0) // CHECKPOINT_STEPS, w.a.shape[1], ne)
             scan_gate_train_kernel(tuple(_np(t) for t in u), tuple(_np(t) for t in x_dbl), w.dt_w, w.dt_b, w.a,
                                    w.d_skip, lengths_np, _np(x).dtype.type(scale), _np(z), _np(ysum), _np(g),
                                    _np(ckpt))  # fmt: skip
