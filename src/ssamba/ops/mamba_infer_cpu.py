@@ -195,20 +195,21 @@ def _scan_step(xd, w_g, bias_g, u_t, a_g, h, hc, pre, dt, dtu, y, width):
 
 
 @numba.njit(**SERIAL, inline="always")
+def _block_scratch(nstate, rank, width, dtype):
+    """A block's scan buffers: its states h, A and dt_proj's weight for the block (a_g, w_g), the states' shares of
+    the readout (hc), and one step's pre-activation, dt, dt u and readout."""
+    return (np.empty((nstate, width), dtype), np.empty((nstate, width), dtype), np.empty((rank, width), dtype),
+            np.empty((nstate, width), dtype), np.empty(width, dtype), np.empty(width, dtype), np.empty(width, dtype),
+            np.empty(width, dtype))  # fmt: skip
+
+
+@numba.njit(**SERIAL, inline="always")
 def _scan_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, b, c0, width):
     """:func:`scan_gate_kernel` for batch item b's channels c0 .. c0 + width - 1 (n of its steps valid)."""
     ndir = len(u)
     seqlen = z.shape[1]
-    rank, nstate = dt_weight.shape[1], a.shape[1]
-    dtype = z.dtype
-    h = np.empty((nstate, width), dtype)  # the block's states
-    a_g = np.empty((nstate, width), dtype)
-    w_g = np.empty((rank, width), dtype)
-    hc = np.empty((nstate, width), dtype)
-    pre = np.empty(width, dtype)  # one step's pre-activation, dt, dt u and readout
-    dt = np.empty(width, dtype)
-    dtu = np.empty(width, dtype)
-    y = np.empty(width, dtype)
+    nstate = a.shape[1]
+    h, a_g, w_g, hc, pre, dt, dtu, y = _block_scratch(nstate, dt_weight.shape[1], width, z.dtype)
     for k in range(ndir):
         load_direction(a, dt_weight, k, c0, a_g, w_g, width)
         h[:] = 0
@@ -237,16 +238,8 @@ def _scan_train_block(u, x_dbl, dt_weight, dt_bias, a, d_skip, n, scale, z, ysum
     """:func:`scan_gate_train_kernel` for batch item b's channels c0 .. c0 + width - 1 (n of its steps valid)."""
     ndir = len(u)
     seqlen = z.shape[1]
-    rank, nstate = dt_weight.shape[1], a.shape[1]
-    dtype = z.dtype
-    h = np.empty((nstate, width), dtype)
-    a_g = np.empty((nstate, width), dtype)
-    w_g = np.empty((rank, width), dtype)
-    hc = np.empty((nstate, width), dtype)
-    pre = np.empty(width, dtype)
-    dt = np.empty(width, dtype)
-    dtu = np.empty(width, dtype)
-    y = np.empty(width, dtype)
+    nstate = a.shape[1]
+    h, a_g, w_g, hc, pre, dt, dtu, y = _block_scratch(nstate, dt_weight.shape[1], width, z.dtype)
     for k in range(ndir):
         load_direction(a, dt_weight, k, c0, a_g, w_g, width)
         h[:] = 0
