@@ -50,10 +50,10 @@ def _kwargs(m: Mamba) -> dict:
 @pytest.mark.parametrize("cls", [Mamba, InnerBiMamba])
 @pytest.mark.parametrize("padded", [False, True])
 def test_fused_training_agrees_with_the_faithful_path(cls, dtype, kwargs, padded):
-    """Outputs and the gradients of the input and of every parameter. The kernels share the conv and scan row code
-    of ops/conv_cpu and ops/scan_cpu; what differs from the faithful path is the order of float32 sums (the GEMMs
-    over all B*L tokens against per-token F.linear, dt_proj's rank-R sum as a loop, the taps of the conv, the
-    scan's sums over time accumulated in float64): rounding of O(1) values through a few dozen operations, so
+    """Outputs and the gradients of the input and of every parameter. What differs from the faithful path is the
+    order of float32 sums (the GEMMs over all B*L tokens against per-token F.linear, dt_proj's rank-R sum as a
+    loop, the taps of the conv, the readout, dB and dC over channel blocks, the sums over time in float32 per chunk
+    and float64 across chunks): rounding of O(1) values through a few dozen operations, so
     FP32_REORDER (tests/conftest.py) relative to each tensor's largest entry. In float64 the same reorderings stay
     below 1e-12: the fused backward is the exact gradient, not an approximation."""
     m = _mixer(cls, dtype, **kwargs)
